@@ -1,0 +1,21 @@
+"""piece_optim: PIECE importance-selected sparse fine-tuning as a drop-in AdamW.
+
+Estimate per-parameter importance on a new task (PIECE-F: Fisher diagonal, PIECE-S:
+second-order normalised), select the global top 0.1% of entries, and train only those
+with :class:`SparseAdamW`, which keeps optimizer state for the selected entries alone.
+"""
+
+from ._backends import BackendUnavailableError, available_backends
+from ._version import __version__
+from .importance import ImportanceEstimator
+from .mask import SparseMask
+from .optim import SparseAdamW
+
+__all__ = [
+    "BackendUnavailableError",
+    "ImportanceEstimator",
+    "SparseAdamW",
+    "SparseMask",
+    "__version__",
+    "available_backends",
+]

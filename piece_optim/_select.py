@@ -1,0 +1,101 @@
+"""Exact global top-k over many score tensors, without sorting.
+
+Scores are >= 0, so their fp32 bits order like unsigned integers.  Two histogram passes
+pin the k-th largest bit pattern exactly:
+
+1. a 65536-bin histogram of the top 16 bits of every score; a prefix sum from the top
+   finds the bin ``b`` holding the k-th largest value and how many lie above it;
+2. a 65536-bin histogram of the low 16 bits of the scores whose top bits equal ``b``
+   pins the threshold ``thr`` and the count strictly above it.
+
+A compaction pass then writes, per tensor, the sorted indices of scores above ``thr``
+plus as many scores equal to ``thr`` as are still needed, in global order (tensor order,
+then flat index): the lower global position wins a tie, so masks are deterministic.
+Exactly ``k`` entries are selected, for any k in [1, N], all-equal scores included.
+
+Under FSDP2 each rank sums its histograms into the same buffers and one ``all_reduce``
+per level (2 x 512 KiB of int64) gives every rank the same global threshold; see
+``reduce_hist``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._backends import Backend
+from ._reference import BAD_SCORE_BIN, HIST_BINS, HIST_BITS
+
+
+@dataclass
+class ScoreSource:
+    """One tensor's accumulators; its scores are computed on the fly by the backend."""
+
+    sum_g: Tensor | None
+    sum_g2: Tensor
+    numel: int
+    index_dtype: torch.dtype
+    backend: Backend
+
+
+def _find_bin(hist: Tensor, k: int) -> tuple[int, int]:
+    """Bin holding the k-th largest element (1-based k) and the count in higher bins."""
+    counts = hist.flip(0).cumsum(0)  # counts[j] = elements in bins >= HIST_BINS-1-j
+    j = int(torch.searchsorted(counts, torch.tensor([k], dtype=counts.dtype)).item())
+    above = int(counts[j - 1].item()) if j > 0 else 0
+    return HIST_BINS - 1 - j, above
+
+
+def global_topk(
+    sources: Sequence[ScoreSource],
+    k: int,
+    method: str,
+    eps: float,
+    *,
+    reduce_hist: Callable[[Tensor], None] | None = None,
+) -> list[Tensor]:
+    """Indices of the global top-k scores, one sorted index tensor per source.
+
+    ``reduce_hist`` (distributed) sums a histogram across ranks in place.
+    """
+    if not sources:
+        raise ValueError("nothing to select from: no eligible parameter has importance scores")
+    device = sources[0].sum_g2.device
+    hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+    for s in sources:
+        s.backend.score_histogram_(s.sum_g, s.sum_g2, method, eps, hist, HIST_BITS, 0)
+    if reduce_hist is not None:
+        reduce_hist(hist)
+    n_total = int(hist.sum().item())
+    if not 1 <= k <= n_total:
+        raise ValueError(f"k={k} must be in [1, {n_total}] (the number of eligible entries)")
+    n_bad = int(hist[BAD_SCORE_BIN:].sum().item())
+    if n_bad:
+        raise FloatingPointError(
+            f"{n_bad} importance scores are NaN, infinite or negative: the gradients "
+            "collected contained NaN/Inf. Check the loss of the calibration batches "
+            "(or lower the learning rate / use fp32) and collect again."
+        )
+    top, above = _find_bin(hist, k)
+
+    hist.zero_()
+    for s in sources:
+        s.backend.score_histogram_(s.sum_g, s.sum_g2, method, eps, hist, 0, top)
+    if reduce_hist is not None:
+        reduce_hist(hist)
+    low, above2 = _find_bin(hist, k - above)
+    thr = (top << HIST_BITS) | low
+    take_eq = k - above - above2  # how many threshold-equal scores to keep, globally
+
+    out = []
+    for s in sources:
+        idx, n_eq = s.backend.score_compact(
+            s.sum_g, s.sum_g2, method, eps, thr, take_eq, s.index_dtype
+        )
+        take_eq -= n_eq
+        out.append(idx)
+    return out
+

@@ -1,0 +1,197 @@
+"""SparseMask: which entries of which parameters are trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ._reference import index_dtype_for
+
+_FORMAT = "piece_optim.SparseMask/1"
+
+
+def validate_indices(idx: Tensor, numel: int, what: str) -> Tensor:
+    """Check ``idx`` is a 1-D integer tensor of sorted unique indices into ``numel`` entries.
+
+    Returns it as a contiguous tensor of the canonical index dtype.  Raises ValueError
+    naming ``what`` otherwise.
+    """
+    if not isinstance(idx, Tensor):
+        idx = torch.as_tensor(idx)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise ValueError(f"{what}: indices must be an integer tensor, got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{what}: indices must be 1-D flat indices, got shape {tuple(idx.shape)}")
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= numel:
+            raise ValueError(
+                f"{what}: index out of range [0, {numel}) (min {lo}, max {hi}); indices are "
+                "flat positions into the parameter (param.view(-1))"
+            )
+        if idx.numel() > 1:
+            d = idx[1:] - idx[:-1]
+            if bool((d == 0).any()):
+                raise ValueError(f"{what}: duplicated indices; pass sorted unique indices")
+            if bool((d < 0).any()):
+                raise ValueError(f"{what}: indices are not sorted; pass torch.sort(idx).values")
+    return idx.to(index_dtype_for(numel)).contiguous()
+
+
+class SparseMask(Mapping[str, Tensor]):
+    """Sorted flat indices of the selected entries, per parameter name.
+
+    ``mask[name]`` is a 1-D int32 tensor (int64 for tensors of 2**31 or more entries) of
+    sorted unique flat indices.  Parameters with no selected entry have no key (they are
+    frozen by :class:`SparseAdamW`).  ``numel_total()`` is the total trainable numel the
+    ratio was taken of (excluded tensors included), so ``ratio`` is the fraction of the
+    model that trains.
+    """
+
+    def __init__(
+        self,
+        indices: Mapping[str, Tensor],
+        shapes: Mapping[str, tuple[int, ...] | torch.Size],
+        numel_total: int,
+    ) -> None:
+        self._shapes: dict[str, tuple[int, ...]] = {n: tuple(s) for n, s in shapes.items()}
+        self._idx: dict[str, Tensor] = {}
+        for name, idx in indices.items():
+            if name not in self._shapes:
+                raise ValueError(f"SparseMask: no shape given for parameter {name!r}")
+            numel = _numel(self._shapes[name])
+            self._idx[name] = validate_indices(idx, numel, f"SparseMask[{name!r}]")
+        self._numel_total = int(numel_total)
+        if self._numel_total < self.numel_selected():
+            raise ValueError(
+                f"numel_total={numel_total} is smaller than the {self.numel_selected()} "
+                "entries selected"
+            )
+
+    # -- Mapping ------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Tensor:
+        return self._idx[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._idx)
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseMask({len(self)} tensors, {self.numel_selected()} of {self.numel_total()} "
+            f"entries, ratio={self.ratio:.3g})"
+        )
+
+    # -- queries --------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Names of the parameters with at least one selected entry, in model order."""
+        return list(self._idx)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def numel_selected(self) -> int:
+        return sum(int(i.numel()) for i in self._idx.values())
+
+    def numel_total(self) -> int:
+        return self._numel_total
+
+    @property
+    def ratio(self) -> float:
+        return self.numel_selected() / self._numel_total if self._numel_total else 0.0
+
+    def dense(self, name: str) -> Tensor:
+        """A bool tensor shaped like the parameter, True at the selected entries."""
+        out = torch.zeros(_numel(self._shapes[name]), dtype=torch.bool)
+        out[self._idx[name].long()] = True
+        return out.view(self._shapes[name])
+
+    def overlap(self, other: SparseMask) -> float:
+        """Fraction of this mask's entries that ``other`` selects too."""
+        n = self.numel_selected()
+        if n == 0:
+            return 1.0
+        common = 0
+        for name, idx in self._idx.items():
+            if name in other:
+                common += int(torch.isin(idx.long(), other[name].long()).sum())
+        return common / n
+
+    # -- binding --------------------------------------------------------------------------
+    def bind(self, model: nn.Module) -> dict[Tensor, Tensor]:
+        """Map each selected parameter object of ``model`` to its indices.
+
+        Use it to pass ``model.parameters()`` (without names) to :class:`SparseAdamW`.
+        """
+        params = dict(model.named_parameters())
+        out: dict[Tensor, Tensor] = {}
+        for name, idx in self._idx.items():
+            if name not in params:
+                raise KeyError(
+                    f"SparseMask.bind: the model has no parameter {name!r}; was the mask made "
+                    "for another model?"
+                )
+            p = params[name]
+            if tuple(p.shape) != self._shapes[name]:
+                raise ValueError(
+                    f"SparseMask.bind: parameter {name!r} has shape {tuple(p.shape)}, the mask "
+                    f"was made for {self._shapes[name]}"
+                )
+            out[p] = idx.to(p.device)
+        return out
+
+    def to(self, device: torch.device | str) -> SparseMask:
+        return SparseMask({n: i.to(device) for n, i in self._idx.items()}, self._shapes,
+                          self._numel_total)  # fmt: skip
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the mask as safetensors, atomically (a temp file renamed into place)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {
+            "format": _FORMAT,
+            "numel_total": str(self._numel_total),
+            "shapes": json.dumps({n: list(s) for n, s in self._shapes.items()}),
+            "order": json.dumps(list(self._idx)),
+        }
+        tensors = {f"idx/{n}": i.detach().cpu().contiguous() for n, i in self._idx.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> SparseMask:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path}: not a piece_optim SparseMask file")
+            order = json.loads(meta["order"])
+            idx = {n: f.get_tensor(f"idx/{n}").to(device) for n in order}
+        shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
+        return cls(idx, shapes, int(meta["numel_total"]))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

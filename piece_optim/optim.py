@@ -1,0 +1,322 @@
+"""SparseAdamW: AdamW that keeps optimizer state for the selected entries only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._backends import validate_backend_name
+from .functional import sparse_adamw
+from .mask import SparseMask, validate_indices
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "master")
+
+
+class SparseAdamW(Optimizer):
+    r"""AdamW on a sparse set of entries, with optimizer state for those entries only.
+
+    A drop-in replacement for :class:`torch.optim.AdamW`.  With ``mask=None`` every
+    element trains and the update is torch's AdamW, operation for operation.  With a
+    mask, each parameter's selected flat indices ``idx`` train; every other entry, and
+    every parameter the mask does not name, is frozen: never read, never written (weight
+    decay included), and holds no state.
+
+    Per selected entry the state is an index (int32), ``exp_avg`` and ``exp_avg_sq``
+    (fp32), plus an fp32 ``master`` copy for bf16/fp16 params (``master_weights``), so
+    updates smaller than the storage precision accumulate instead of being rounded away.
+
+    Args:
+        params: what torch optimizers accept: tensors, dicts of param groups, or
+            ``(name, param)`` pairs (e.g. ``model.named_parameters()``).
+        mask: ``None`` (dense AdamW), a :class:`SparseMask` / mapping of parameter name to
+            indices (needs named params), or a mapping of parameter tensor to indices
+            (``mask.bind(model)``).  Indices are sorted unique flat positions.
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`; weight decay is
+            decoupled and touches the selected entries only.
+        sparse_grads: gather each gradient at the selected entries from a hook and free
+            the dense gradient at once (memory: see the README).
+        master_weights: ``"auto"`` (fp32 master for bf16/fp16 params), ``True`` or ``False``.
+        backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    ``amsgrad``, ``maximize``, ``foreach``, ``capturable``, ``differentiable`` and ``fused``
+    exist only to fail loudly when set: they are not supported.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        mask: SparseMask | Mapping[Any, Tensor] | None = None,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        sparse_grads: bool = False,
+        master_weights: bool | str = "auto",
+        backend: str = "auto",
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+    ) -> None:
+        for flag, value in (("amsgrad", amsgrad), ("maximize", maximize), ("foreach", foreach),
+                            ("capturable", capturable), ("differentiable", differentiable),
+                            ("fused", fused)):  # fmt: skip
+            if value:
+                raise ValueError(
+                    f"SparseAdamW does not support {flag}={value!r}; leave it at its default "
+                    "(the sparse step is already one batched kernel per backend)"
+                )
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("lr as a Tensor must have one element")
+        elif not 0.0 <= lr:
+            raise ValueError(f"invalid learning rate lr={lr}: must be >= 0")
+        if not 0.0 <= eps:
+            raise ValueError(f"invalid eps={eps}: must be >= 0")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas={betas}: each must be in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"invalid weight_decay={weight_decay}: must be >= 0")
+        if master_weights not in ("auto", True, False):
+            raise ValueError(f"master_weights={master_weights!r} must be 'auto', True or False")
+        if sparse_grads:
+            raise NotImplementedError(
+                "sparse_grads=True is not implemented yet; use the default sparse_grads=False"
+            )
+        self.sparse_grads = bool(sparse_grads)
+        self.master_weights = master_weights
+        self.backend = validate_backend_name(backend)
+        self._backend_arg = backend
+
+        # Resolve the mask before torch's __init__ calls add_param_group.
+        self._mask_kind: str
+        self._mask_by_name: dict[str, Tensor] = {}
+        self._mask_by_param: dict[Tensor, Tensor] = {}
+        self._mask_shapes: dict[str, tuple[int, ...]] = {}
+        self._matched: set[Any] = set()
+        self._selection: dict[Tensor, Tensor | None] = {}  # param -> idx (None: dense)
+        self._names: dict[Tensor, str] = {}
+        if mask is None:
+            self._mask_kind = "dense"
+        elif isinstance(mask, SparseMask):
+            self._mask_kind = "names"
+            self._mask_by_name = dict(mask.items())
+            self._mask_shapes = {n: mask.shape(n) for n in mask.names()}
+        elif isinstance(mask, Mapping):
+            keys = list(mask.keys())
+            if all(isinstance(k, str) for k in keys):
+                self._mask_kind = "names"
+                self._mask_by_name = dict(mask)
+            elif all(isinstance(k, Tensor) for k in keys):
+                self._mask_kind = "params"
+                self._mask_by_param = dict(mask)
+            else:
+                raise TypeError(
+                    "mask must map parameter names (str) or parameter tensors to indices, "
+                    "not a mix"
+                )
+        else:
+            raise TypeError(
+                f"mask must be None, a SparseMask or a mapping, got {type(mask).__name__}"
+            )
+
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+        unmatched = (
+            [n for n in self._mask_by_name if n not in self._matched]
+            if self._mask_kind == "names"
+            else [k for k in self._mask_by_param if k not in self._matched]
+        )
+        if unmatched:
+            shown = unmatched[:3] if self._mask_kind == "names" else [
+                f"<tensor {tuple(t.shape)}>" for t in unmatched[:3]]  # fmt: skip
+            raise ValueError(
+                f"mask names {len(unmatched)} parameter(s) this optimizer does not hold "
+                f"(e.g. {shown}); pass every parameter the mask selects, or a mask made "
+                "for this model"
+            )
+
+    # -- param groups and the mask ---------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names") or [None] * len(group["params"])
+        for p, name in zip(group["params"], names, strict=True):
+            self._register_param(p, name)
+
+    def _register_param(self, p: Tensor, name: str | None) -> None:
+        what = repr(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
+        if name is not None:
+            self._names[p] = name
+        if self._mask_kind == "dense":
+            idx = None
+        elif self._mask_kind == "names":
+            if name is None:
+                raise ValueError(
+                    "the mask is keyed by parameter names but the params carry no names; pass "
+                    "model.named_parameters() or mask=mask.bind(model)"
+                )
+            if name not in self._mask_by_name:
+                return  # frozen
+            self._matched.add(name)
+            if name in self._mask_shapes and tuple(p.shape) != self._mask_shapes[name]:
+                raise ValueError(
+                    f"mask entry {name!r} was made for shape {self._mask_shapes[name]}, the "
+                    f"parameter has shape {tuple(p.shape)}"
+                )
+            idx = self._mask_by_name[name]
+        else:
+            if p not in self._mask_by_param:
+                return
+            self._matched.add(p)
+            idx = self._mask_by_param[p]
+        if not p.requires_grad or p.numel() == 0:
+            return  # skipped: nothing to train (a zero-size or frozen param holds no state)
+        if not p.is_contiguous():
+            raise ValueError(f"{what}: SparseAdamW needs contiguous parameters")
+        if p.is_complex():
+            raise ValueError(f"{what}: complex parameters are not supported")
+        if idx is not None:
+            idx = validate_indices(idx, p.numel(), f"mask[{what}]").to(p.device)
+            if idx.numel() == 0:
+                return
+        self._selection[p] = idx
+
+    # -- state ---------------------------------------------------------------------------
+    def _use_master(self, p: Tensor) -> bool:
+        return p.dtype in _LOW_PRECISION and self.master_weights in ("auto", True)
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        idx = self._selection[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if idx is None:
+            shape: Any = p.shape
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if self._use_master(p):
+                state["master"] = p.detach().float().clone()
+        else:
+            state["idx"] = idx
+            k = idx.numel()
+            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=p.device)
+            if self._use_master(p):
+                state["master"] = p.detach().view(-1)[idx.long()].float()
+        return state
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state (indices, moments, master copies, step counters)."""
+        n = 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor):
+                    n += v.numel() * v.element_size()
+        return n
+
+    def trainable_numel(self) -> int:
+        """How many parameter entries this optimizer updates."""
+        return sum(p.numel() if i is None else i.numel() for p, i in self._selection.items())
+
+    # -- step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, idxs, ms, vs, masters, steps = [], [], [], [], [], [], []
+            for p in group["params"]:
+                if p not in self._selection or p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
+                state = self.state[p] or self._init_state(p)
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad)
+                idxs.append(state.get("idx"))
+                ms.append(state["exp_avg"])
+                vs.append(state["exp_avg_sq"])
+                masters.append(state.get("master"))
+                steps.append(int(state["step"].item()))
+            if not params:
+                continue
+            lr = group["lr"]
+            beta1, beta2 = group["betas"]
+            sparse_adamw(
+                params, grads, idxs, ms, vs, masters, steps,
+                lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), backend=self._backend_arg,
+            )  # fmt: skip
+        return loss
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def _ordered_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict, after checking it was made with the same mask and shapes.
+
+        Moments and master copies stay fp32 whatever the param dtype.  On any mismatch a
+        ValueError is raised and nothing changes.
+        """
+        saved_groups = state_dict["param_groups"]
+        saved_ids = [i for g in saved_groups for i in g["params"]]
+        params = self._ordered_params()
+        if len(saved_ids) != len(params):
+            raise ValueError(
+                f"state_dict holds {len(saved_ids)} parameters, this optimizer {len(params)}"
+            )
+        keep: dict[Tensor, dict[str, Tensor]] = {}
+        for sid, p in zip(saved_ids, params, strict=True):
+            st = state_dict["state"].get(sid)
+            if not st:
+                continue
+            name = self._names.get(p, f"#{sid} (shape {tuple(p.shape)})")
+            if p not in self._selection:
+                raise ValueError(
+                    f"state_dict has state for parameter {name}, which this optimizer's mask "
+                    "freezes: the state_dict comes from a different mask"
+                )
+            idx = self._selection[p]
+            if idx is None:
+                if "idx" in st or tuple(st["exp_avg"].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state_dict for parameter {name} is sparse or of another shape; this "
+                        "optimizer trains it densely (mask=None)"
+                    )
+            else:
+                if "idx" not in st:
+                    raise ValueError(
+                        f"state_dict for parameter {name} is dense, this optimizer's mask is "
+                        "sparse: the state_dict comes from a different mask"
+                    )
+                sidx = st["idx"]
+                if sidx.shape != idx.shape or not torch.equal(sidx.to(idx), idx):
+                    raise ValueError(
+                        f"state_dict for parameter {name} was made with a different mask "
+                        f"({sidx.numel()} indices saved, {idx.numel()} in this optimizer's mask)"
+                    )
+                if st["exp_avg"].numel() != idx.numel():
+                    raise ValueError(f"state_dict for parameter {name}: moments do not match k")
+            keep[p] = st
+        super().load_state_dict(state_dict)
+        for p, st in keep.items():
+            state = self.state[p]
+            for key in _STATE_FLOAT_KEYS:
+                if key in st:
+                    state[key] = st[key].detach().to(device=p.device, dtype=torch.float32).clone()
+            if "idx" in st:
+                state["idx"] = self._selection[p]
+            state["step"] = st["step"].detach().to(torch.float32).cpu().clone()
