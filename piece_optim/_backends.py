@@ -129,8 +129,10 @@ class Backend:
         for p, g, i, m, v, w, s in zip(
             params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps, strict=True
         ):
-            self.adamw_step_(p, g, i, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                             weight_decay=weight_decay, step=s, grad_is_sparse=grad_is_sparse)  # fmt: skip
+            self.adamw_step_(
+                p, g, i, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, step=s, grad_is_sparse=grad_is_sparse,
+            )  # fmt: skip
 
 
 class TorchBackend(Backend):

@@ -91,6 +91,7 @@ class ImportanceEstimator:
             seen.add(id(p))
             self._numel_total += p.numel()
             if p.numel() == 0:
+                self._others.append(p)  # nothing to score; its grad is still dropped
                 continue
             if any(s in name for s in self.exclude):
                 self._others.append(p)

@@ -90,6 +90,22 @@ class SparseMask(Mapping[str, Tensor]):
             f"entries, ratio={self.ratio:.3g})"
         )
 
+    def __eq__(self, other: object) -> bool:
+        """Same names in the same order, same shapes, same indices, same total."""
+        if not isinstance(other, SparseMask):
+            return NotImplemented
+        return (
+            self.names() == other.names()
+            and self._numel_total == other._numel_total
+            and all(self._shapes[n] == other._shapes[n] for n in self._idx)
+            and all(
+                torch.equal(self._idx[n].cpu().long(), other._idx[n].cpu().long())
+                for n in self._idx
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking container of tensors
+
     # -- queries --------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Names of the parameters with at least one selected entry, in model order."""
