@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 sys.path.insert(0, str(ROOT))  # so csrc_build.py is importable under any build frontend
@@ -46,7 +46,10 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["piece_optim", "piece_optim.kernels"],
+    packages=[
+        *find_packages(include=["piece_optim", "piece_optim.*"]),
+        "piece_optim.kernels",
+    ],
     package_dir={"piece_optim": "piece_optim", "piece_optim.kernels": "kernels"},
     include_package_data=True,
     install_requires=[

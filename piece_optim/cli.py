@@ -16,6 +16,8 @@ from ._version import __version__
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("piece_optim._info", "print versions and the backends available here"),
+    "demo": ("piece_optim.demo.cli", "continual-learning demo: PIECE vs SeqFT, LoRA, random"),
+    "bench": ("piece_optim.bench_cli", "micro and end-to-end benchmarks, CSV + plots"),
 }
 
 
