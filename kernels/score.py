@@ -27,16 +27,21 @@ def _score_kernel(g_ptr, g2_ptr, out_ptr, n, eps, MODE: tl.constexpr, BLOCK: tl.
     tl.store(out_ptr + offs, load_score(g2_ptr, g_ptr, g2_ptr, offs, mask, eps, MODE), mask=mask)
 
 
-def score_triton(sum_g: Tensor | None, sum_g2: Tensor, method: str, eps: float) -> Tensor:
-    """Flat fp32 scores of ``method`` (``"piece-f"`` or ``"piece-s"``)."""
+def score_triton(
+    sum_g: Tensor | None, sum_g2: Tensor, method: str, eps: float, *, out: Tensor | None = None
+) -> Tensor:
+    """Flat fp32 scores of ``method`` (``"piece-f"`` or ``"piece-s"``), into ``out`` if given."""
     if method not in SCORE_MODES:
         raise ValueError(f"unknown method {method!r}")
     if method == "piece-s" and sum_g is None:
         raise ValueError("piece-s needs sum_g; the estimator was built without it")
     s2 = sum_g2.reshape(-1).contiguous()
     s1 = sum_g.reshape(-1).contiguous() if sum_g is not None else s2
-    out = torch.empty(s2.numel(), dtype=torch.float32, device=s2.device)
     n = s2.numel()
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32, device=s2.device)
+    elif out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous fp32 tensor of {n} elements")
     if n:
         _score_kernel[(triton.cdiv(n, BLOCK),)](
             s1, s2, out, n, float(eps), MODE=SCORE_MODES[method], BLOCK=BLOCK, **launch_opts(s2)
