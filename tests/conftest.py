@@ -1,5 +1,14 @@
-import pytest
-from helpers import fresh_seed
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors.  This must
+# be set before anything imports triton (its @triton.jit reads it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from helpers import fresh_seed  # noqa: E402
 
 
 @pytest.fixture

@@ -1,0 +1,83 @@
+"""Device helpers shared by the op files: exact dtype conversions and the score formula.
+
+Why hand-written conversions: the bf16 <-> fp32 casts are done on the bit patterns, so
+they are exact and round-to-nearest-even (NaN -> 0x7FC0) exactly like ``c10::BFloat16``
+on every target, the Triton interpreter included (its default fp32 -> bf16 cast
+truncates).  fp16 uses Triton's own casts (IEEE round-to-nearest-even everywhere).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Encodes how a kernel obtains the score of an element (a ``tl.constexpr``):
+SCORE_RAW = 0  # read an fp32 score tensor
+SCORE_F = 1  # piece-f: sum_g2
+SCORE_S = 2  # piece-s: |sum_g| / sqrt(sum_g2 + eps), 0 where the denominator is 0
+SCORE_MODES = {"piece-f": SCORE_F, "piece-s": SCORE_S}
+
+
+@triton.jit
+def to_f32(x):
+    """Exact widening of an fp32/bf16/fp16 block to fp32."""
+    if x.dtype == tl.bfloat16:
+        u = x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        return u.to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def from_f32(x, DTYPE: tl.constexpr):
+    """fp32 -> DTYPE with round-to-nearest-even (torch's ``.to(dtype)``)."""
+    if DTYPE == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16)
+    else:
+        return x
+
+
+@triton.jit
+def score_of(s1, s2, eps, MODE: tl.constexpr):
+    """The PIECE score from fp32 sums (``s1`` unused for piece-f); same ops as the reference.
+
+    ``sqrt_rn`` / ``div_rn`` are the IEEE round-to-nearest operations torch uses; Triton's
+    plain ``tl.sqrt`` and ``/`` may be approximate on GPUs.
+    """
+    if MODE == 2:
+        num = tl.abs(s1)
+        den = tl.sqrt_rn(s2 + eps)
+        s = tl.div_rn(num, den)
+        return tl.where(den > 0, s, 0.0)
+    else:
+        return s2
+
+
+@triton.jit
+def load_score(sc_ptr, g_ptr, g2_ptr, offs, mask, eps, MODE: tl.constexpr):
+    """fp32 scores of the block ``offs``: read them (MODE 0) or compute them from the sums."""
+    if MODE == 0:
+        return tl.load(sc_ptr + offs, mask=mask, other=0.0)
+    elif MODE == 1:
+        return to_f32(tl.load(g2_ptr + offs, mask=mask, other=0.0))
+    else:
+        s1 = to_f32(tl.load(g_ptr + offs, mask=mask, other=0.0))
+        s2 = to_f32(tl.load(g2_ptr + offs, mask=mask, other=0.0))
+        return score_of(s1, s2, eps, MODE)
+
+
+@triton.jit
+def uint_bits(s):
+    """The fp32 bit pattern as a non-negative int64 (the uint32 view used by selection)."""
+    return s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+
+
+def launch_opts(t) -> dict:  # noqa: ANN001
+    """Launch options: on GPUs forbid the compiler's own mul+add -> fma contraction, so the
+    only fmas are the explicit ``tl.fma`` calls that mirror torch's kernels."""
+    return {"enable_fp_fusion": False} if t.device.type == "cuda" else {}

@@ -1,0 +1,89 @@
+"""Histogram pass of the exact global top-k (see piece_optim/_select.py).
+
+Scores are >= 0, so their fp32 bits order like unsigned integers.  One pass adds, for each
+element whose bits ``b`` satisfy ``b >> (shift + 16) == prefix``, one count to bin
+``(b >> shift) & 0xFFFF`` of an int64 histogram of 65536 bins: ``shift=16, prefix=0`` is
+the histogram of the top 16 bits, ``shift=0, prefix=top`` the second level.  The scores
+are read from an fp32 tensor or computed on the fly from the sums (the full score tensor
+then never exists).  Bytes moved per element: the score's 4 B (or the sums': 4-8 B fp32,
+2-4 B bf16) plus one atomic add on an 8 B counter (mostly cached: 65536 bins = 512 KiB).
+
+The counts go straight to global memory with ``tl.atomic_add``: a per-block histogram of
+65536 bins does not fit on chip, and int64 atomics into 512 KiB of L2 are the simple
+choice.  Known cost: when most scores share a few bins (e.g. all equal), those atomics
+serialise on the GPU; the result stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._jit_utils import SCORE_MODES, SCORE_RAW, launch_opts, load_score, uint_bits
+
+BLOCK = 1024
+
+
+@triton.jit
+def hist_add(hist_ptr, s, mask, shift, prefix):
+    """Count the fp32 scores ``s`` (where ``mask``) into the histogram level (shift, prefix)."""
+    b = uint_bits(s)
+    keep = mask & ((b >> (shift + 16)) == prefix)
+    bins = (b >> shift) & 0xFFFF
+    ones = tl.full(bins.shape, 1, tl.int64)
+    tl.atomic_add(hist_ptr + bins, ones, mask=keep, sem="relaxed")
+
+
+@triton.jit
+def _histogram_kernel(sc_ptr, g_ptr, g2_ptr, hist_ptr, n, eps, shift, prefix,
+                      MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = load_score(sc_ptr, g_ptr, g2_ptr, offs, mask, eps, MODE)
+    hist_add(hist_ptr, s, mask, shift, prefix)
+
+
+def _check_hist(hist: Tensor, device: torch.device) -> None:
+    if hist.dtype != torch.int64 or hist.numel() != 65536 or not hist.is_contiguous():
+        raise ValueError("hist must be a contiguous int64 tensor of 65536 bins")
+    if hist.device != device:
+        raise ValueError(f"hist is on {hist.device}, the scores on {device}: put both on one")
+
+
+def histogram_triton(
+    scores: Tensor | None,
+    hist: Tensor,
+    shift: int,
+    prefix: int,
+    *,
+    sum_g: Tensor | None = None,
+    sum_g2: Tensor | None = None,
+    method: str | None = None,
+    eps: float = 1.0,
+) -> None:
+    """Add one histogram pass into ``hist``: over ``scores``, or over the scores of
+    ``(sum_g, sum_g2)`` with ``method`` computed on the fly."""
+    if scores is not None:
+        x = scores.reshape(-1).contiguous()
+        if x.dtype != torch.float32:
+            raise ValueError(f"scores must be fp32, got {x.dtype}")
+        mode, a, b, c = SCORE_RAW, x, x, x
+    else:
+        if sum_g2 is None or method not in SCORE_MODES:
+            raise ValueError("pass scores, or sum_g2 (and sum_g for piece-s) with method=")
+        mode = SCORE_MODES[method]
+        c = sum_g2.reshape(-1)
+        if mode == SCORE_MODES["piece-s"] and sum_g is None:
+            raise ValueError("piece-s needs sum_g; the estimator was built without it")
+        b = sum_g.reshape(-1) if sum_g is not None else c
+        a = c
+    n = c.numel()
+    _check_hist(hist, c.device)
+    if n == 0:
+        return
+    _histogram_kernel[(triton.cdiv(n, BLOCK),)](
+        a, b, c, hist, n, float(eps), int(shift), int(prefix), MODE=mode, BLOCK=BLOCK,
+        **launch_opts(c),
+    )  # fmt: skip
