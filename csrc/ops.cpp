@@ -58,8 +58,10 @@ pc::Method method_of(const std::string& m) {
 }
 
 // ------------------------------------------------------------------------- accumulate
-void accumulate_many_(at::TensorList grads, const c10::List<std::optional<Tensor>>& sum_gs,
-                      at::TensorList sum_g2s) {
+// Tensor lists that may lack an entry (sum_gs, masters) mark "none" with a 0-element tensor,
+// not None: torch 2.13's auto_functionalize fails on None inside a mutable Tensor?[] (seen
+// with torch.library.opcheck), and an empty selection never reaches a kernel.
+void accumulate_many_(at::TensorList grads, at::TensorList sum_gs, at::TensorList sum_g2s) {
   TORCH_CHECK(grads.size() == sum_g2s.size() && (sum_gs.size() == grads.size()),
               "piece_optim: accumulate_many_ needs lists of equal length (grads ",
               grads.size(), ", sum_gs ", sum_gs.size(), ", sum_g2s ", sum_g2s.size(), ")");
@@ -81,12 +83,12 @@ void accumulate_many_(at::TensorList grads, const c10::List<std::optional<Tensor
     it.acc_dtype = acc_dtype(s2, "sum_g2");
     it.sum_g2 = s2.data_ptr();
     it.n = n;
-    const std::optional<Tensor> s1 = sum_gs.get(i);
-    if (s1.has_value() && s1->defined()) {
-      check_state(*s1, "sum_g", n);
-      TORCH_CHECK(s1->scalar_type() == s2.scalar_type(),
+    const Tensor& s1 = sum_gs[i];
+    if (s1.defined() && s1.numel() > 0) {
+      check_state(s1, "sum_g", n);
+      TORCH_CHECK(s1.scalar_type() == s2.scalar_type(),
                   "piece_optim: sum_g and sum_g2 must share a dtype");
-      it.sum_g = s1->data_ptr();
+      it.sum_g = s1.data_ptr();
     }
     items.push_back(it);
   }
@@ -94,9 +96,8 @@ void accumulate_many_(at::TensorList grads, const c10::List<std::optional<Tensor
 }
 
 void accumulate_(const Tensor& grad, const std::optional<Tensor>& sum_g, const Tensor& sum_g2) {
-  c10::List<std::optional<Tensor>> s1;
-  s1.push_back(sum_g);
-  accumulate_many_({grad}, s1, {sum_g2});
+  Tensor s1 = sum_g.has_value() && sum_g->defined() ? *sum_g : at::empty({0}, sum_g2.options());
+  accumulate_many_({grad}, {s1}, {sum_g2});
 }
 
 // ---------------------------------------------------------------------- scores/select
@@ -189,7 +190,7 @@ std::tuple<Tensor, int64_t> compact(const std::optional<Tensor>& sum_g, const Te
 // ------------------------------------------------------------------------------- AdamW
 void adamw_step_many_(at::TensorList params, at::TensorList grads,
                       const c10::List<std::optional<Tensor>>& idxs, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, const c10::List<std::optional<Tensor>>& masters,
+                      at::TensorList exp_avg_sqs, at::TensorList masters,
                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts, double lr,
                       double beta1, double beta2, double eps, double weight_decay,
                       bool grad_is_sparse) {
@@ -237,11 +238,11 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
     }
     it.exp_avg = exp_avgs[i].data_ptr<float>();
     it.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
-    const std::optional<Tensor> w = masters.get(i);
-    if (w.has_value() && w->defined()) {
-      check_state(*w, "master", k);
-      TORCH_CHECK(w->scalar_type() == at::kFloat, "piece_optim: master must be fp32");
-      it.master = w->data_ptr<float>();
+    const Tensor& w = masters[i];
+    if (w.defined() && w.numel() > 0) {
+      check_state(w, "master", k);
+      TORCH_CHECK(w.scalar_type() == at::kFloat, "piece_optim: master must be fp32");
+      it.master = w.data_ptr<float>();
     }
     // the same double expressions as _reference.adamw_step_ evaluates in Python
     it.decay = 1 - lr * weight_decay;
@@ -262,7 +263,7 @@ std::string cpu_isa() { return pc::isa(); }
 
 TORCH_LIBRARY(piece_optim, m) {
   m.def("accumulate_(Tensor grad, Tensor(a!)? sum_g, Tensor(b!) sum_g2) -> ()");
-  m.def("accumulate_many_(Tensor[] grads, Tensor(a!)?[] sum_gs, Tensor(b!)[] sum_g2s) -> ()");
+  m.def("accumulate_many_(Tensor[] grads, Tensor(a!)[] sum_gs, Tensor(b!)[] sum_g2s) -> ()");
   m.def("score(Tensor? sum_g, Tensor sum_g2, str method, float eps) -> Tensor");
   m.def("histogram_(Tensor scores, Tensor(a!) hist, int shift, int prefix) -> ()");
   m.def(
@@ -273,7 +274,7 @@ TORCH_LIBRARY(piece_optim, m) {
       "ScalarType index_dtype, Tensor? candidates=None) -> (Tensor, int)");
   m.def(
       "adamw_step_many_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] idxs, "
-      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)?[] masters, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, "
       "float[] step_sizes, float[] bc2_sqrts, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool grad_is_sparse) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);

@@ -37,6 +37,11 @@ def _bump(*ts: Tensor | None) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    # "no tensor" in the ops' mutable lists is a 0-element tensor (see csrc/ops.cpp)
+    return t if t is not None else like.new_empty(0)
+
+
 def _flat_ok(t: Tensor | None, n: int, dtypes: tuple) -> bool:
     return t is None or (t.dtype in dtypes and t.is_contiguous() and t.numel() == n)
 
@@ -89,7 +94,8 @@ class _ExtBackend(Backend):
             else:
                 super().accumulate_(g, s1, s2)
         if ok_g:
-            self._ops.accumulate_many_(ok_g, ok_1, ok_2)
+            self._ops.accumulate_many_(ok_g, [_or_empty(t, s) for t, s in zip(ok_1, ok_2,
+                                                                            strict=True)], ok_2)
             _bump(*ok_1, *ok_2)
 
     def _score_ok(self, sum_g: Tensor | None, sum_g2: Tensor, method: str) -> bool:
@@ -237,7 +243,7 @@ class _ExtBackend(Backend):
             # the same double expressions as _reference.adamw_step_
             bias_correction1 = 1 - beta1**s
             bias_correction2 = 1 - beta2**s
-            vals = (p, g, i, m.view(-1), v.view(-1), None if w is None else w.view(-1),
+            vals = (p, g, i, m.view(-1), v.view(-1), _or_empty(w, m).view(-1),
                     lr / bias_correction1, math.sqrt(bias_correction2))  # fmt: skip
             for lst, val in zip(lists, vals, strict=True):
                 lst.append(val)
