@@ -125,6 +125,22 @@ Tensor score_histogram_(const std::optional<Tensor>& sum_g, const Tensor& sum_g2
   return at::empty({}, sum_g2.options().dtype(at::kLong));  // 0-dim: no candidates kept
 }
 
+std::vector<Tensor> score_histogram_many_(at::TensorList sum_gs, at::TensorList sum_g2s,
+                                          c10::string_view method, double eps,
+                                          const Tensor& hist, int64_t shift, int64_t prefix,
+                                          at::IntArrayRef cand_caps) {
+  TORCH_CHECK(sum_gs.size() == sum_g2s.size(),
+              "piece_optim: score_histogram_many_ needs sum_gs and sum_g2s of equal length");
+  std::vector<Tensor> out;
+  for (size_t i = 0; i < sum_g2s.size(); ++i) {
+    std::optional<Tensor> s1;
+    if (sum_gs[i].defined() && sum_gs[i].numel() > 0) s1 = sum_gs[i];
+    Tensor c = score_histogram_(s1, sum_g2s[i], method, eps, hist, shift, prefix, 0);
+    if (!cand_caps.empty()) out.push_back(c);  // 0-dim: the CUDA kernels keep no candidates
+  }
+  return out;
+}
+
 void histogram_(const Tensor& scores, const Tensor& hist, int64_t shift, int64_t prefix) {
   TORCH_CHECK(scores.scalar_type() == at::kFloat, "piece_optim: scores must be float32");
   score_histogram_(std::nullopt, scores.contiguous(), "piece-f", 0.0, hist, shift, prefix, 0);
@@ -228,6 +244,7 @@ TORCH_LIBRARY_IMPL(piece_optim, CUDA, m) {
   m.impl("score", &score);
   m.impl("histogram_", &histogram_);
   m.impl("score_histogram_", &score_histogram_);
+  m.impl("score_histogram_many_", &score_histogram_many_);
   m.impl("compact", &compact);
   m.impl("adamw_step_many_", &adamw_step_many_);
 }

@@ -138,19 +138,49 @@ void check_hist(const Tensor& hist, int64_t shift, int64_t prefix) {
   TORCH_CHECK(prefix >= 0, "piece_optim: prefix must be >= 0, got ", prefix);
 }
 
+std::vector<Tensor> score_histogram_many_(at::TensorList sum_gs, at::TensorList sum_g2s,
+                                          c10::string_view method, double eps,
+                                          const Tensor& hist, int64_t shift, int64_t prefix,
+                                          at::IntArrayRef cand_caps) {
+  TORCH_CHECK(sum_gs.size() == sum_g2s.size(),
+              "piece_optim: score_histogram_many_ needs sum_gs and sum_g2s of equal length");
+  TORCH_CHECK(cand_caps.empty() || cand_caps.size() == sum_g2s.size(),
+              "piece_optim: cand_caps must be empty or one per tensor");
+  check_hist(hist, shift, prefix);
+  std::vector<pc::ScoreSrc> items;
+  for (size_t i = 0; i < sum_g2s.size(); ++i) {
+    std::optional<Tensor> s1;
+    if (sum_gs[i].defined() && sum_gs[i].numel() > 0) s1 = sum_gs[i];
+    items.push_back(score_src(s1, sum_g2s[i], std::string(method), eps));
+  }
+  std::vector<int64_t> caps(cand_caps.begin(), cand_caps.end());
+  std::vector<std::vector<int64_t>> cands;
+  std::vector<char> ok;
+  pc::score_histogram_many(items, hist.data_ptr<int64_t>(), int(shift), prefix, caps,
+                           caps.empty() ? nullptr : &cands, caps.empty() ? nullptr : &ok);
+  std::vector<Tensor> out;
+  for (size_t i = 0; i < cands.size(); ++i) {
+    auto opts = sum_g2s[i].options().dtype(at::kLong);
+    if (!ok[i]) {
+      out.push_back(at::empty({}, opts));  // 0-dim: no candidates kept
+      continue;
+    }
+    Tensor t = at::empty({int64_t(cands[i].size())}, opts);
+    if (!cands[i].empty()) std::memcpy(t.data_ptr<int64_t>(), cands[i].data(), cands[i].size() * 8);
+    out.push_back(t);
+  }
+  return out;
+}
+
 Tensor score_histogram_(const std::optional<Tensor>& sum_g, const Tensor& sum_g2,
                         c10::string_view method, double eps, const Tensor& hist, int64_t shift,
                         int64_t prefix, int64_t cand_cap) {
-  pc::ScoreSrc s = score_src(sum_g, sum_g2, std::string(method), eps);
-  check_hist(hist, shift, prefix);
-  std::vector<int64_t> cand;
-  const bool ok = pc::score_histogram(s, hist.data_ptr<int64_t>(), int(shift), prefix, cand_cap,
-                                      cand_cap > 0 ? &cand : nullptr);
-  auto opts = sum_g2.options().dtype(at::kLong);
-  if (cand_cap <= 0 || !ok) return at::empty({}, opts);  // 0-dim: no candidates kept
-  Tensor out = at::empty({int64_t(cand.size())}, opts);
-  if (!cand.empty()) std::memcpy(out.data_ptr<int64_t>(), cand.data(), cand.size() * 8);
-  return out;
+  Tensor s1 = sum_g.has_value() && sum_g->defined() ? *sum_g : at::empty({0}, sum_g2.options());
+  std::vector<int64_t> caps;
+  if (cand_cap > 0) caps.push_back(cand_cap);
+  std::vector<Tensor> out =
+      score_histogram_many_({s1}, {sum_g2}, method, eps, hist, shift, prefix, caps);
+  return out.empty() ? at::empty({}, sum_g2.options().dtype(at::kLong)) : out[0];
 }
 
 void histogram_(const Tensor& scores, const Tensor& hist, int64_t shift, int64_t prefix) {
@@ -267,6 +297,9 @@ TORCH_LIBRARY(piece_optim, m) {
   m.def("score(Tensor? sum_g, Tensor sum_g2, str method, float eps) -> Tensor");
   m.def("histogram_(Tensor scores, Tensor(a!) hist, int shift, int prefix) -> ()");
   m.def(
+      "score_histogram_many_(Tensor[] sum_gs, Tensor[] sum_g2s, str method, float eps, "
+      "Tensor(a!) hist, int shift, int prefix, int[] cand_caps) -> Tensor[]");
+  m.def(
       "score_histogram_(Tensor? sum_g, Tensor sum_g2, str method, float eps, Tensor(a!) hist, "
       "int shift, int prefix, int cand_cap=0) -> Tensor");
   m.def(
@@ -286,6 +319,7 @@ TORCH_LIBRARY_IMPL(piece_optim, CPU, m) {
   m.impl("score", &score);
   m.impl("histogram_", &histogram_);
   m.impl("score_histogram_", &score_histogram_);
+  m.impl("score_histogram_many_", &score_histogram_many_);
   m.impl("compact", &compact);
   m.impl("adamw_step_many_", &adamw_step_many_);
 }

@@ -118,6 +118,13 @@ def _register_fakes() -> None:
         n = torch.library.get_ctx().new_dynamic_size()
         return sum_g2.new_empty(n, dtype=torch.int64)
 
+    @reg(lib + "score_histogram_many_")
+    def _score_hist_many(sum_gs, sum_g2s, method, eps, hist, shift, prefix, cand_caps):  # noqa: ANN001, ANN202
+        ctx = torch.library.get_ctx()
+        return [s.new_empty(ctx.new_dynamic_size(), dtype=torch.int64) for s in sum_g2s][
+            : len(cand_caps)
+        ]
+
     @reg(lib + "compact")
     def _compact(sum_g, sum_g2, method, eps, thr, take_eq, index_dtype, candidates=None):  # noqa: ANN001, ANN202
         ctx = torch.library.get_ctx()

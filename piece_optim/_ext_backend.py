@@ -61,6 +61,7 @@ class _ExtBackend(Backend):
             )
         self._ops = torch.ops.piece_optim
         self._cand: dict[int, tuple] = {}
+        self._candidates = self._dispatch_key == "CPU"  # the CUDA kernels keep none
 
     def supports(self, device: torch.device) -> tuple[bool, str]:
         device = torch.device(device)
@@ -133,20 +134,41 @@ class _ExtBackend(Backend):
         shift: int,
         prefix: int,
     ) -> None:
-        if not self._score_ok(sum_g, sum_g2, method) or hist.dtype != torch.int64:
-            return super().score_histogram_(sum_g, sum_g2, method, eps, hist, shift, prefix)
-        sum_g = sum_g if method == "piece-s" else None
+        self.score_histogram_many_([sum_g], [sum_g2], method, eps, hist, shift, prefix)
+
+    def score_histogram_many_(
+        self,
+        sum_gs: Sequence[Tensor | None],
+        sum_g2s: Sequence[Tensor],
+        method: str,
+        eps: float,
+        hist: Tensor,
+        shift: int,
+        prefix: int,
+    ) -> None:
+        """All tensors in one kernel call (one parallel region); keeps candidates at level 2."""
         if shift != 0:  # a new selection begins: stale candidates go
             self._cand.clear()
-            self._ops.score_histogram_(sum_g, sum_g2, method, eps, hist, shift, prefix, 0)
-        else:
-            cap = sum_g2.numel() // 8 + 4096
-            cand = self._ops.score_histogram_(sum_g, sum_g2, method, eps, hist, 0, prefix, cap)
-            if cand.dim() == 1:
-                refs = tuple(None if t is None else weakref.ref(t) for t in (sum_g, sum_g2))
-                self._cand[id(sum_g2)] = (
-                    refs, self._key(sum_g, sum_g2, method, eps, prefix), cand)  # fmt: skip
+        ok_1, ok_2 = [], []
+        hist_ok = hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 65536
+        for s1, s2 in zip(sum_gs, sum_g2s, strict=True):
+            if hist_ok and self._score_ok(s1, s2, method):
+                ok_1.append(s1 if method == "piece-s" else None)
+                ok_2.append(s2)
+            else:
+                super().score_histogram_(s1, s2, method, eps, hist, shift, prefix)
+        if not ok_2:
+            return
+        caps = [s2.numel() // 8 + 4096 for s2 in ok_2] if shift == 0 and self._candidates else []
+        cands = self._ops.score_histogram_many_(
+            [_or_empty(s1, s2) for s1, s2 in zip(ok_1, ok_2, strict=True)], ok_2, method, eps,
+            hist, shift, prefix, caps,
+        )  # fmt: skip
         _bump(hist)
+        for s1, s2, cand in zip(ok_1, ok_2, cands, strict=False):
+            if cand.dim() == 1:
+                refs = tuple(None if t is None else weakref.ref(t) for t in (s1, s2))
+                self._cand[id(s2)] = (refs, self._key(s1, s2, method, eps, prefix), cand)
 
     def _cached(self, sum_g: Tensor | None, sum_g2: Tensor, method: str, eps: float,
                 thr: int) -> Tensor | None:  # fmt: skip

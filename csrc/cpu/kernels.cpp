@@ -28,6 +28,9 @@ constexpr int64_t kEqFlag = int64_t(1) << 62;  // marks "bits == thr" entries in
 using AccFn = void (*)(const AccumItem&, int64_t, int64_t);
 using ScoreFn = void (*)(const ScoreSrc&, float*, int64_t, int64_t);
 using AdamFn = void (*)(const AdamItem&, int64_t, int64_t);
+template <class C>
+using HistFn = int64_t (*)(const ScoreSrc&, int64_t, int64_t, C*, int, uint64_t, int64_t,
+                           std::vector<int64_t>*, int64_t);
 
 int64_t num_chunks(int64_t n, int64_t min_chunk) {
   const int64_t t = std::max<int64_t>(1, at::get_num_threads());
@@ -160,13 +163,86 @@ void score(const ScoreSrc& src, float* out) {
              [&](int64_t, int64_t lo, int64_t hi) { fn(src, out, lo, hi); });
 }
 
-bool score_histogram(const ScoreSrc& src, int64_t* hist, int shift, int64_t prefix,
-                     int64_t cand_cap, std::vector<int64_t>* cand) {
-  if (cand_cap <= 0) cand = nullptr;
+void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int shift,
+                          int64_t prefix, const std::vector<int64_t>& caps,
+                          std::vector<std::vector<int64_t>>* cands, std::vector<char>* ok) {
+  const size_t m = items.size();
+  const bool want = !caps.empty() && cands != nullptr && ok != nullptr;
+  std::vector<int64_t> off(m + 1, 0);
+  std::vector<HistFn<uint32_t>> f32(m);
+  std::vector<HistFn<int64_t>> f64(m);
+  const bool wide = use_avx2();
+  int64_t cap_total = 0;
+  for (size_t i = 0; i < m; ++i) {
+    off[i + 1] = off[i] + items[i].n;
 #if PIECE_HAVE_AVX2
-  if (use_avx2()) return avx2::score_histogram_d(src, hist, shift, prefix, cand_cap, cand);
+    if (wide) {
+      f32[i] = avx2::hist_fn<uint32_t>(items[i]);
+      f64[i] = avx2::hist_fn<int64_t>(items[i]);
+    }
 #endif
-  return generic::score_histogram_d(src, hist, shift, prefix, cand_cap, cand);
+    if (!wide) {
+      f32[i] = generic::hist_fn<uint32_t>(items[i]);
+      f64[i] = generic::hist_fn<int64_t>(items[i]);
+    }
+    if (want) cap_total += caps[i];
+  }
+  if (want) {
+    cands->assign(m, {});
+    ok->assign(m, 1);
+  }
+  const uint64_t pre = uint64_t(prefix);
+  const int64_t total = off[m];
+  if (total <= kSerialHist) {  // small: count straight into the result, no merge
+    for (size_t i = 0; i < m; ++i) {
+      const int64_t seen = f64[i](items[i], 0, items[i].n, hist, shift, pre,
+                                  want ? caps[i] : 0, want ? &(*cands)[i] : nullptr, 0);
+      if (want && seen > caps[i]) {
+        (*cands)[i].clear();
+        (*ok)[i] = 0;
+      }
+    }
+    return;
+  }
+  const int64_t nch = num_chunks(total, kMinChunk);
+  std::vector<std::vector<int64_t>> parts(want ? nch : 0);  // global indices, sorted
+  std::vector<int64_t> seen(nch, 0);
+  std::mutex mu;
+  run_chunks(total, nch, [&](int64_t c, int64_t lo, int64_t hi) {
+    std::vector<uint32_t>& local = tls_hist();
+    std::fill(local.begin(), local.end(), 0u);
+    // uint32 counts: merge every 2**31 elements so they never wrap
+    for (int64_t b = lo; b < hi; b += (int64_t(1) << 31)) {
+      const int64_t e = std::min<int64_t>(hi, b + (int64_t(1) << 31));
+      for_segments(off, b, e, [&](size_t i, int64_t x, int64_t y) {
+        seen[c] += f32[i](items[i], x, y, local.data(), shift, pre, cap_total,
+                          want ? &parts[c] : nullptr, off[i]);
+      });
+      std::lock_guard<std::mutex> g(mu);
+      for (int j = 0; j < kBins; ++j) hist[j] += local[j];
+      if (e < hi) std::fill(local.begin(), local.end(), 0u);
+    }
+  });
+  if (!want) return;
+  int64_t all_seen = 0;
+  for (int64_t x : seen) all_seen += x;
+  if (all_seen > cap_total) {  // some were dropped: keep none
+    ok->assign(m, 0);
+    return;
+  }
+  size_t i = 0;
+  for (auto& part : parts) {
+    for (int64_t gidx : part) {
+      while (gidx >= off[i + 1]) ++i;
+      (*cands)[i].push_back(gidx - off[i]);
+    }
+  }
+  for (size_t j = 0; j < m; ++j) {
+    if (int64_t((*cands)[j].size()) > caps[j]) {
+      (*cands)[j].clear();
+      (*ok)[j] = 0;
+    }
+  }
 }
 
 void compact_scan(const ScoreSrc& src, uint32_t thr, const int64_t* cand, int64_t ncand,

@@ -37,11 +37,13 @@ struct ScoreSrc {
 void score(const ScoreSrc& src, float* out);
 
 // Adds to hist[65536] the count of each element with bits >> (shift + 16) == prefix, in bin
-// (bits >> shift) & 0xFFFF.  With cand != null and cand_cap > 0 it also collects, sorted,
-// the indices with bits >> (shift + 16) >= prefix (the candidates of the compaction that
-// follows a 2nd-level pass); returns false (cand cleared) if there were more than cand_cap.
-bool score_histogram(const ScoreSrc& src, int64_t* hist, int shift, int64_t prefix,
-                     int64_t cand_cap, std::vector<int64_t>* cand);
+// (bits >> shift) & 0xFFFF, over all items in ONE parallel region.  With caps (one per
+// item, non-empty) it also collects into (*cands)[i], sorted, the indices of item i with
+// bits >> (shift + 16) >= prefix (the candidates of the compaction that follows a
+// 2nd-level pass); (*ok)[i] is 0 (and (*cands)[i] empty) when there were more than caps[i].
+void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int shift,
+                          int64_t prefix, const std::vector<int64_t>& caps,
+                          std::vector<std::vector<int64_t>>* cands, std::vector<char>* ok);
 
 // ---- compaction: sorted indices with bits > thr, plus the first take_eq with bits == thr.
 // Phase 1 (one read of the scores, or of the candidates only) keeps per-chunk lists;
