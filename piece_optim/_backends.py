@@ -83,6 +83,20 @@ class Backend:
         """
         self.histogram_(self.score(sum_g, sum_g2, method, eps), hist, shift, prefix)
 
+    def score_histogram_many_(
+        self,
+        sum_gs: Sequence[Tensor | None],
+        sum_g2s: Sequence[Tensor],
+        method: str,
+        eps: float,
+        hist: Tensor,
+        shift: int,
+        prefix: int,
+    ) -> None:
+        """One histogram pass over many tensors; backends batch it into one launch."""
+        for s1, s2 in zip(sum_gs, sum_g2s, strict=True):
+            self.score_histogram_(s1, s2, method, eps, hist, shift, prefix)
+
     def compact(
         self, scores: Tensor, thr: int, take_eq: int, index_dtype: torch.dtype
     ) -> tuple[Tensor, int]:

@@ -49,6 +49,18 @@ def _find_bin(hist: Tensor, k: int) -> tuple[int, int]:
     return HIST_BINS - 1 - j, above
 
 
+def _histogram_pass(
+    sources: Sequence[ScoreSource], method: str, eps: float, hist: Tensor, shift: int, prefix: int
+) -> None:
+    """One pass over all sources, one batched call per backend (one parallel region)."""
+    groups: dict[int, tuple[Backend, list[ScoreSource]]] = {}
+    for s in sources:
+        groups.setdefault(id(s.backend), (s.backend, []))[1].append(s)
+    for be, srcs in groups.values():
+        be.score_histogram_many_([s.sum_g for s in srcs], [s.sum_g2 for s in srcs], method, eps,
+                                 hist, shift, prefix)  # fmt: skip
+
+
 def global_topk(
     sources: Sequence[ScoreSource],
     k: int,
@@ -65,8 +77,7 @@ def global_topk(
         raise ValueError("nothing to select from: no eligible parameter has importance scores")
     device = sources[0].sum_g2.device
     hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
-    for s in sources:
-        s.backend.score_histogram_(s.sum_g, s.sum_g2, method, eps, hist, HIST_BITS, 0)
+    _histogram_pass(sources, method, eps, hist, HIST_BITS, 0)
     if reduce_hist is not None:
         reduce_hist(hist)
     n_total = int(hist.sum().item())
@@ -82,8 +93,7 @@ def global_topk(
     top, above = _find_bin(hist, k)
 
     hist.zero_()
-    for s in sources:
-        s.backend.score_histogram_(s.sum_g, s.sum_g2, method, eps, hist, 0, top)
+    _histogram_pass(sources, method, eps, hist, 0, top)
     if reduce_hist is not None:
         reduce_hist(hist)
     low, above2 = _find_bin(hist, k - above)

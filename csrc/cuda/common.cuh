@@ -1,0 +1,64 @@
+// Shared device helpers of the .cu files (no torch headers).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/launchers.h"
+
+namespace piece_optim::cuda {
+
+constexpr int kThreads = 256;
+
+inline unsigned grid_for(int64_t n, int64_t per_block = kThreads) {
+  int64_t b = (n + per_block - 1) / per_block;
+  if (b < 1) b = 1;
+  // grid-stride loops cover the rest: 65535 * 256 is plenty of parallelism
+  return unsigned(b > 65535 ? 65535 : b);
+}
+
+struct F32 {
+  using T = float;
+  static __device__ __forceinline__ float ld(float x) { return x; }
+  static __device__ __forceinline__ float st(float x) { return x; }
+};
+struct BF16 {
+  using T = __nv_bfloat16;
+  static __device__ __forceinline__ float ld(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 st(float x) { return __float2bfloat16_rn(x); }
+};
+struct F16 {
+  using T = __half;
+  static __device__ __forceinline__ float ld(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half st(float x) { return __float2half_rn(x); }
+};
+
+// fp32 bits of the score of element i (scores >= 0 order like their bits as uint32)
+template <class A, int M>
+__device__ __forceinline__ uint32_t score_bits(const ScoreArgs& s, int64_t i) {
+  const typename A::T* s2 = static_cast<const typename A::T*>(s.sum_g2);
+  float v;
+  if (M == kPieceF) {
+    v = A::ld(s2[i]);
+  } else {
+    const typename A::T* s1 = static_cast<const typename A::T*>(s.sum_g);
+    const float den = __fsqrt_rn(__fadd_rn(A::ld(s2[i]), s.eps));
+    const float q = __fdiv_rn(fabsf(A::ld(s1[i])), den);
+    v = den > 0.0f ? q : 0.0f;  // torch.where(den > 0, s, 0)
+  }
+  return __float_as_uint(v);
+}
+
+// Calls f.template operator()<A, M>() for the runtime accumulator dtype and method.
+template <class F>
+cudaError_t dispatch_score(const ScoreArgs& s, F&& f) {
+  if (s.acc_dtype == kF32) {
+    return s.method == kPieceF ? f.template run<F32, kPieceF>() : f.template run<F32, kPieceS>();
+  }
+  return s.method == kPieceF ? f.template run<BF16, kPieceF>() : f.template run<BF16, kPieceS>();
+}
+
+}  // namespace piece_optim::cuda

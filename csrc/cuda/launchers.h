@@ -1,0 +1,62 @@
+// Raw-pointer launchers of the piece_optim CUDA kernels.  No torch headers here or in any
+// .cu file, so every .cu compiles with plain `nvcc -c -std=c++17 -Icsrc` on any machine
+// (scripts/nvcc_check.sh does so for sm_80 and sm_90); csrc/cuda_binding.cpp is the only
+// torch-facing file.  All launchers are asynchronous on `stream` and return the
+// cudaError_t of their last launch.  Element counts and offsets are int64 throughout.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace piece_optim::cuda {
+
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum Method : int { kPieceF = 0, kPieceS = 1 };
+
+// sum_g += g (when sum_g is not null), sum_g2 += g*g, fp32 math; acc_dtype is kF32 or kBF16.
+cudaError_t accumulate(const void* grad, int grad_dtype, void* sum_g, void* sum_g2,
+                       int acc_dtype, int64_t n, cudaStream_t stream);
+
+struct ScoreArgs {
+  const void* sum_g;  // null for piece-f
+  const void* sum_g2;
+  int acc_dtype;
+  int method;
+  float eps;
+  int64_t n;
+};
+
+cudaError_t score(const ScoreArgs& s, float* out, cudaStream_t stream);
+
+// hist: 65536 int64 counters (added to); see _reference.histogram_ for shift/prefix.
+cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int shift, int64_t prefix,
+                            cudaStream_t stream);
+
+// Compaction in four steps (flags, scan of the ties, flags, CUB select).  Call
+// compact_workspace_bytes(n) for the workspace size; out must hold n int64 entries;
+// counts[0] receives the number selected and counts[1] the number of ties (bits == thr)
+// in the whole tensor (device memory; the caller copies them back).
+size_t compact_workspace_bytes(int64_t n);
+cudaError_t compact(const ScoreArgs& s, uint32_t thr, int64_t take_eq, void* workspace,
+                    size_t workspace_bytes, int64_t* out, int64_t* counts, cudaStream_t stream);
+cudaError_t narrow_indices(const int64_t* in, int32_t* out, int64_t n, cudaStream_t stream);
+
+struct AdamArgs {
+  void* param;
+  int param_dtype;
+  const void* grad;
+  int grad_dtype;
+  bool grad_is_sparse;
+  const void* idx;  // null: dense
+  bool idx64;
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* master;  // may be null
+  int64_t n;
+  double decay, w1, beta2, c2, eps, step_size, bc2_sqrt;  // as in csrc/cpu/kernels.h
+};
+cudaError_t adamw(const AdamArgs& a, cudaStream_t stream);
+
+}  // namespace piece_optim::cuda
