@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,13 +39,30 @@ class SparseAdamW(Optimizer):
             (``mask.bind(model)``).  Indices are sorted unique flat positions.
         lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`; weight decay is
             decoupled and touches the selected entries only.
-        sparse_grads: gather each gradient at the selected entries from a hook and free
-            the dense gradient at once (memory: see the README).
+        sparse_grads: gather each gradient at the selected entries from a
+            post-accumulate-grad hook into a small fp32 buffer and free the dense gradient
+            at once, for every parameter this optimizer holds (frozen ones included: their
+            gradient is dropped).  See "Sparse gradients" below.
         master_weights: ``"auto"`` (fp32 master for bf16/fp16 params), ``True`` or ``False``.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     ``amsgrad``, ``maximize``, ``foreach``, ``capturable``, ``differentiable`` and ``fused``
     exist only to fail loudly when set: they are not supported.
+
+    Sparse gradients (``sparse_grads=True``)
+        Each backward's gradient of a parameter is gathered at its selected indices and
+        *added* to an fp32 buffer of length k (all entries for a dense-trained parameter),
+        then ``param.grad`` is set to None, so at most one dense gradient exists at a time
+        and only while backward produces it.  Buffers sum across backwards, so gradient
+        accumulation over micro-batches works as with dense grads; the buffers are cleared
+        by :meth:`step` (after use) and by :meth:`zero_grad`, so a user's
+        ``model.zero_grad()`` is harmless.  :meth:`clip_grad_norm_` clips the buffers
+        (torch's ``clip_grad_norm_`` cannot see them), :meth:`sparse_grad` reads one and
+        :meth:`grad_bytes` counts them; :meth:`close` removes the hooks.  Activation
+        checkpointing (reentrant or not) works: a hook that fires twice in one backward
+        just adds twice.  ``torch.amp.GradScaler`` cannot unscale or inf-check buffers it
+        cannot see, so ``scaler.step(opt)`` raises; use bf16 autocast (no scaler) or
+        ``sparse_grads=False``.
     """
 
     def __init__(
@@ -87,11 +105,8 @@ class SparseAdamW(Optimizer):
             raise ValueError(f"invalid weight_decay={weight_decay}: must be >= 0")
         if master_weights not in ("auto", True, False):
             raise ValueError(f"master_weights={master_weights!r} must be 'auto', True or False")
-        if sparse_grads:
-            raise NotImplementedError(
-                "sparse_grads=True is not implemented yet; use the default sparse_grads=False"
-            )
         self.sparse_grads = bool(sparse_grads)
+        self._sparse_init()
         self.master_weights = master_weights
         self.backend = validate_backend_name(backend)
         self._backend_arg = backend
@@ -152,6 +167,7 @@ class SparseAdamW(Optimizer):
         names = group.get("param_names") or [None] * len(group["params"])
         for p, name in zip(group["params"], names, strict=True):
             self._register_param(p, name)
+        self._sparse_hook_params(group["params"])
 
     def _register_param(self, p: Tensor, name: str | None) -> None:
         what = repr(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
@@ -230,6 +246,7 @@ class SparseAdamW(Optimizer):
     # -- step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        self._sparse_check_step()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -237,14 +254,15 @@ class SparseAdamW(Optimizer):
         for group in self.param_groups:
             params, grads, idxs, ms, vs, masters, steps = [], [], [], [], [], [], []
             for p in group["params"]:
-                if p not in self._selection or p.grad is None:
+                grad = self._sparse_bufs.get(p) if self.sparse_grads else p.grad
+                if p not in self._selection or grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
                 state = self.state[p] or self._init_state(p)
                 state["step"] += 1
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 idxs.append(state.get("idx"))
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
@@ -257,9 +275,151 @@ class SparseAdamW(Optimizer):
             sparse_adamw(
                 params, grads, idxs, ms, vs, masters, steps,
                 lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), backend=self._backend_arg,
+                weight_decay=float(group["weight_decay"]), grad_is_sparse=self.sparse_grads,
+                backend=self._backend_arg,
             )  # fmt: skip
+        self._sparse_bufs.clear()  # consumed: the next backward starts a fresh sum
         return loss
+
+    # -- sparse gradients (sparse_grads=True) -------------------------------------------------
+    def _sparse_init(self) -> None:
+        self._sparse_bufs: dict[Tensor, Tensor] = {}
+        self._sparse_hooks: dict[Tensor, Any] = {}
+        self._sparse_closed = False
+
+    def _sparse_hook_params(self, params: Iterable[Tensor]) -> None:
+        """Install the gather-and-free hook on every trainable param (sparse_grads only)."""
+        if not self.sparse_grads:
+            return
+        # The hook holds a weak reference: params outliving the optimizer must not keep it
+        # (and its state) alive.
+        ref = weakref.ref(self)
+
+        def hook(p: Tensor) -> None:
+            opt = ref()
+            if opt is not None:
+                opt._sparse_gather(p)
+
+        for p in params:
+            if p.requires_grad and p not in self._sparse_hooks:
+                self._sparse_hooks[p] = p.register_post_accumulate_grad_hook(hook)
+
+    @torch.no_grad()
+    def _sparse_gather(self, p: Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        p.grad = None  # free the dense gradient now, also for frozen params
+        if p not in self._selection:
+            return
+        if g.is_sparse:
+            raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
+        idx = self._selection[p]
+        flat = g.reshape(-1)
+        buf = self._sparse_bufs.get(p)
+        if idx is None:
+            if buf is None:
+                self._sparse_bufs[p] = flat.to(torch.float32, copy=True)
+            else:
+                buf.add_(flat)
+        else:
+            vals = flat.index_select(0, idx)
+            if buf is None:
+                self._sparse_bufs[p] = vals.float()
+            else:
+                buf.add_(vals)
+
+    def _sparse_check_step(self) -> None:
+        if not self.sparse_grads:
+            return
+        if self._sparse_closed:
+            raise RuntimeError("step(): this optimizer was closed (sparse_grads hooks removed)")
+        if hasattr(self, "found_inf") or hasattr(self, "grad_scale"):
+            raise RuntimeError(
+                "SparseAdamW(sparse_grads=True) cannot be driven by torch.amp.GradScaler: the "
+                "scaler unscales and inf-checks param.grad, which sparse_grads frees at once. "
+                "Train in bf16 (torch.autocast(dtype=torch.bfloat16) needs no scaler), or use "
+                "sparse_grads=False with the GradScaler"
+            )
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler.step() hands control to optimizers that set this flag (it then sets
+        # ``found_inf``/``grad_scale`` on us); with sparse_grads we use that to fail loudly
+        # in step() instead of GradScaler's opaque "No inf checks were recorded".
+        return self.sparse_grads
+
+    def sparse_grad(self, p: Tensor | str) -> Tensor | None:
+        """The accumulated gradient of ``p`` (a param or its name) at its selected entries.
+
+        A flat fp32 tensor aligned with the mask's indices (all entries, flat, for a param
+        trained densely), or None when no backward reached ``p`` since the last step or
+        zero_grad.  Only meaningful with ``sparse_grads=True``.
+        """
+        if not self.sparse_grads:
+            raise RuntimeError(
+                "sparse_grad(): this optimizer was made with sparse_grads=False; read p.grad"
+            )
+        if isinstance(p, str):
+            by_name = {n: t for t, n in self._names.items()}
+            if p not in by_name:
+                raise KeyError(f"sparse_grad(): no parameter named {p!r} in this optimizer")
+            p = by_name[p]
+        return self._sparse_bufs.get(p)
+
+    def grad_bytes(self) -> int:
+        """Bytes of gradient storage held now for this optimizer's params.
+
+        The sparse buffers plus any dense ``.grad`` still attached (with sparse_grads=True
+        the latter is 0 outside backward).
+        """
+        n = sum(b.numel() * b.element_size() for b in self._sparse_bufs.values())
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    n += p.grad.numel() * p.grad.element_size()
+        return n
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> Tensor:
+        """Clip the gradients this optimizer will apply; returns the total norm (like torch).
+
+        The same math as :func:`torch.nn.utils.clip_grad_norm_`: the ``norm_type`` norm of
+        the per-tensor norms, scaled by ``min(1, max_norm / (total + 1e-6))``.  With
+        sparse_grads=True it runs on the sparse buffers, i.e. on the selected entries only
+        (the entries the step uses; the others were never kept); otherwise on the ``.grad``
+        of every param this optimizer holds, exactly torch's function.
+        """
+        if not self.sparse_grads:
+            params = [p for g in self.param_groups for p in g["params"]]
+            return torch.nn.utils.clip_grad_norm_(
+                params, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+            )
+        bufs = list(self._sparse_bufs.values())
+        if not bufs:
+            return torch.tensor(0.0)
+        total = torch.nn.utils.get_total_norm(
+            bufs, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+        )
+        coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+        for b in bufs:
+            b.mul_(coef.to(b.device))
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients: dense ``.grad`` as torch does, and the sparse buffers."""
+        self._sparse_bufs.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    def close(self) -> None:
+        """Remove the sparse_grads hooks and free the buffers (no-op without sparse_grads)."""
+        for h in self._sparse_hooks.values():
+            h.remove()
+        self._sparse_hooks.clear()
+        self._sparse_bufs.clear()
+        if self.sparse_grads:
+            self._sparse_closed = True
 
     # -- checkpointing -------------------------------------------------------------------------
     def _ordered_params(self) -> list[Tensor]:

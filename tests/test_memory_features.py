@@ -1,0 +1,269 @@
+"""Memory features: SparseAdamW(sparse_grads=True), bf16 accumulators, in_backward guards.
+
+Every test compares against the dense path (torch's own gradients, torch's
+clip_grad_norm_) on fresh random inputs; sizes stay tiny for the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import TinyNet, batches
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import piece_optim as po
+
+
+def _mask(model: nn.Module, seed: int, ratio: float = 0.2) -> po.SparseMask:
+    """A real PIECE mask from two calibration batches (fresh random data)."""
+    est = po.ImportanceEstimator(model, method="piece-s")
+    for x, y in batches(2, seed + 7):
+        model.loss(x, y).backward()
+        est.collect()
+    mask = est.select(ratio=ratio)
+    est.close()
+    return mask
+
+
+def _pair(seed: int, ratio: float = 0.2):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    mask = _mask(model, seed, ratio)
+    twin = copy.deepcopy(model)
+    return model, twin, mask
+
+
+def _selected(p: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    flat = p.detach().reshape(-1)
+    return flat if idx is None else flat[idx.long()]
+
+
+@pytest.mark.parametrize("micro", [1, 4])
+def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
+    """4 micro-batches with sparse_grads=True == one big batch with dense grads."""
+    model, twin, mask = _pair(seed)
+    kw = dict(lr=3e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask, **kw)
+    sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True, **kw)
+    named = dict(twin.named_parameters())
+    for step in range(7):
+        x, y = batches(1, seed + 100 + step, bs=8)[0]
+        model.loss(x, y).backward()  # one big batch of 8
+        for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+            (twin.loss(xs, ys) / micro).backward()
+            assert all(p.grad is None for p in twin.parameters())  # dense grads freed
+        for name, p in model.named_parameters():
+            if name in mask.names():
+                got = sparse.sparse_grad(named[name])
+                want = _selected(p.grad, mask[name])
+                if micro == 1:
+                    assert torch.equal(got, want)
+                else:  # same sum, other order of fp32 additions
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        dense.step()
+        sparse.step()
+        dense.zero_grad()
+        assert sparse.grad_bytes() == 0  # step consumed the buffers
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        if name not in mask.names():
+            assert torch.equal(q, p)  # frozen entries: bit-identical (never written)
+    sparse.close()
+
+
+def test_sparse_grads_equal_dense_grads_bitwise_over_micro_batches(seed):
+    """Accumulating 4 backwards in the buffer is the same fp32 sum torch's .grad makes."""
+    model, twin, mask = _pair(seed)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask)
+    sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
+    for x, y in batches(4, seed + 3):
+        model.loss(x, y).backward()
+        twin.loss(x, y).backward()
+    named = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if name in mask.names():
+            assert torch.equal(
+                sparse.sparse_grad(named[name]), p.grad.reshape(-1)[mask[name].long()]
+            )
+            assert torch.equal(sparse.sparse_grad(name), sparse.sparse_grad(named[name]))
+        else:
+            assert sparse.sparse_grad(named[name]) is None
+    k = mask.numel_selected()
+    assert sparse.grad_bytes() == 4 * k
+    assert dense.grad_bytes() == sum(
+        4 * p.numel() for p in model.parameters() if p.grad is not None
+    )
+    sparse.zero_grad()
+    assert sparse.grad_bytes() == 0
+    sparse.close()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+@pytest.mark.parametrize("max_norm", [0.05, 1e6])
+def test_clip_grad_norm_equals_torch(seed, norm_type, max_norm):
+    """clip_grad_norm_ on the sparse buffers == torch's on the same (masked) gradients."""
+    model, twin, mask = _pair(seed)
+    sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True, lr=1e-2)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
+    for x, y in batches(2, seed + 5):
+        model.loss(x, y).backward()
+        twin.loss(x, y).backward()
+    # The same gradients densely: zero outside the mask (the entries the step never uses).
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name in mask.names():
+            keep = torch.zeros(p.numel(), dtype=torch.bool)
+            keep[mask[name].long()] = True
+            p.grad.mul_(keep.view_as(p.grad))
+        else:
+            p.grad = None
+    want = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type=norm_type)
+    got = sparse.clip_grad_norm_(max_norm, norm_type=norm_type)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    assert (float(got) > max_norm) == (max_norm < 1)  # both regimes really exercised
+    named = dict(twin.named_parameters())
+    for name, p in model.named_parameters():
+        if name in mask.names():
+            got_g, want_g = sparse.sparse_grad(named[name]), _selected(p.grad, mask[name])
+            torch.testing.assert_close(got_g, want_g, rtol=2e-6, atol=1e-12)
+    dense.step()
+    sparse.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    sparse.close()
+
+
+def test_clip_grad_norm_dense_mode_is_torch(seed):
+    model, twin, mask = _pair(seed)
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask)
+    x, y = batches(1, seed)[0]
+    model.loss(x, y).backward()
+    twin.loss(x, y).backward()
+    got = opt.clip_grad_norm_(0.1)
+    want = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+    assert torch.equal(got, want)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)
+
+
+class _Blocks(nn.Module):
+    """Three tanh-linear blocks with a tied output head, for checkpointing tests."""
+
+    def __init__(self, dim: int = 11, vocab: int = 19) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
+        self.norm = nn.LayerNorm(dim)
+        self.ckpt: bool | None = None  # None: off, else use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for b in self.blocks:
+
+            def f(t, b=b):
+                return torch.tanh(b(t)) + t
+
+            h = f(h) if self.ckpt is None else checkpoint(f, h, use_reentrant=self.ckpt)
+        return self.norm(h) @ self.embed.weight.t()  # tied head: embed used twice
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self(x)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_sparse_grads_with_activation_checkpointing(seed, reentrant):
+    torch.manual_seed(seed)
+    model = _Blocks()
+    twin = copy.deepcopy(model)
+    twin.ckpt = reentrant
+    est = po.ImportanceEstimator(model, method="piece-f", exclude=())
+    for x, y in batches(2, seed + 1, vocab=19):
+        model.loss(x, y).backward()
+        est.collect()
+    mask = est.select(ratio=0.3)
+    est.close()
+    assert "embed.weight" in mask.names()  # the tied weight is trained: hooks fire twice
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
+    sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True, lr=1e-2)
+    for x, y in batches(7, seed + 2, vocab=19):
+        for xs, ys in zip(x.chunk(2), y.chunk(2), strict=True):
+            model.loss(xs, ys).backward()
+            twin.loss(xs, ys).backward()
+        dense.step()
+        sparse.step()
+        model.zero_grad()  # user code zeroing the model: harmless for the buffers
+        twin.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    sparse.close()
+
+
+def test_close_removes_hooks_and_step_after_close_raises(seed):
+    model, twin, mask = _pair(seed)
+    opt = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
+    opt.close()
+    x, y = batches(1, seed)[0]
+    twin.loss(x, y).backward()
+    assert twin.fc1.weight.grad is not None  # hooks gone: torch keeps the dense grad
+    with pytest.raises(RuntimeError, match="closed"):
+        opt.step()
+
+
+def test_sparse_grads_errors(seed):
+    model, twin, mask = _pair(seed)
+    plain = po.SparseAdamW(model.named_parameters(), mask=mask)
+    with pytest.raises(RuntimeError, match="sparse_grads=False"):
+        plain.sparse_grad(next(model.parameters()))
+    opt = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
+    with pytest.raises(KeyError, match="nope"):
+        opt.sparse_grad("nope")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    x, y = batches(1, seed)[0]
+    scaler.scale(twin.loss(x, y)).backward()
+    with pytest.raises(RuntimeError, match="GradScaler.*bf16.*sparse_grads=False"):
+        scaler.step(opt)
+    opt.close()
+
+
+def test_sparse_grads_bf16_params_accumulate_in_fp32(seed):
+    """bf16 params: buffers are fp32 sums of the bf16 grads, equal to a float64 sum."""
+    torch.manual_seed(seed)
+    model = TinyNet().to(torch.bfloat16)
+    mask = _mask(model, seed)
+    grads: dict[str, torch.Tensor] = {}
+    named = dict(model.named_parameters())
+
+    def keep(name):
+        def hook(p):
+            grads[name] = grads.get(name, 0) + p.grad.double().reshape(-1)
+
+        return hook
+
+    # registered first, so the recorder runs before the optimizer's gather-and-free hook
+    handles = [p.register_post_accumulate_grad_hook(keep(n)) for n, p in named.items()
+               if n in mask.names()]  # fmt: skip
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask, sparse_grads=True)
+    for x, y in batches(3, seed + 9):
+        model.loss(x, y).backward()
+    for n in mask.names():
+        got = opt.sparse_grad(named[n])
+        assert got.dtype == torch.float32
+        want = grads[n][mask[n].long()]
+        torch.testing.assert_close(got.double(), want, rtol=2**-23 * 4, atol=0)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opt.step()
+    for n, p in named.items():
+        if n in mask.names():
+            assert not torch.equal(p, before[n])
+        else:
+            assert torch.equal(p, before[n])
+    for h in handles:
+        h.remove()
+    opt.close()
