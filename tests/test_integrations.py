@@ -94,9 +94,13 @@ def check_only_mask_changed(model, start, mask) -> None:
     assert changed >= 0.9 * mask.numel_selected()
 
 
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
 def max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
     out = 0.0
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         d = (p.detach().double() - q.detach().double()).abs().max().item()
         out = max(out, d / max(q.detach().double().abs().max().item(), 1e-30))
     return out
@@ -130,7 +134,6 @@ def test_trainer_use_piece_estimates_then_trains(seed: int, tmp_path) -> None:
 def test_trainer_optimizer_cls_and_kwargs(seed: int, tmp_path) -> None:
     ds = Tokens(seed)
     model = tiny_llama(seed)
-    twin = copy.deepcopy(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     mask = estimate_mask(model, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO,
                          method="piece-f", progress=False)  # fmt: skip
@@ -138,8 +141,13 @@ def test_trainer_optimizer_cls_and_kwargs(seed: int, tmp_path) -> None:
     trainer = trainer_for(model, ds, tmp_path, optimizer_cls_and_kwargs=kw)
     trainer.train()
     check_only_mask_changed(model, start, mask)
-    manual_run(twin, ds, mask)
-    assert max_rel(model, twin) < 1e-5
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else (
+        trainer.optimizer)  # fmt: skip
+    assert isinstance(opt, po.SparseAdamW)
+    got = opt.mask_indices()  # unnamed params (Trainer's groups): keyed by position
+    want = [mask[n] for n, _ in model.named_parameters() if n in mask]
+    assert len(got) == len(want)
+    assert all(torch.equal(a, b) for a, b in zip(got.values(), want, strict=True))
 
 
 def test_piece_trainer_optimizer_errors(seed: int) -> None:
@@ -176,7 +184,7 @@ def test_accelerate_prepare_and_resume(seed: int, tmp_path) -> None:
 
     plain = po.SparseAdamW(twin.named_parameters(), mask=mask, lr=LR, betas=BETAS)
     run(twin, None, plain, batches)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert same(model, twin)
 
     # resume from the accelerate checkpoint into a fresh model + optimizer
     fresh = tiny_llama(seed + 1)
@@ -185,4 +193,4 @@ def test_accelerate_prepare_and_resume(seed: int, tmp_path) -> None:
     pm2, popt2 = acc2.prepare(fresh, opt2)
     acc2.load_state(str(tmp_path / "ckpt"))
     run(pm2, acc2, popt2, batches[2:])
-    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), model.parameters()))
+    assert same(fresh, model)
