@@ -311,7 +311,7 @@ class SparseAdamW(Optimizer):
                 )
             idx = self._selection[p]
             if idx is None:
-                if "idx" in st or tuple(st["exp_avg"].shape) != tuple(p.shape):
+                if "idx" in st or tuple(st["exp_avg"].shape) != tuple(local_tensor(p).shape):
                     raise ValueError(
                         f"state_dict for parameter {name} is sparse or of another shape; this "
                         "optimizer trains it densely (mask=None)"

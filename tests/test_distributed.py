@@ -60,6 +60,10 @@ def test_dcp_resume_continues_exactly(dist_run: dict) -> None:
     assert dist_run["dcp_resume_exact"] is True
 
 
+def test_fsdp2_dense_is_adamw(dist_run: dict) -> None:
+    assert dist_run["fsdp_dense_max_abs_diff"] <= 1e-6
+
+
 def test_sharded_topk_with_ties(dist_run: dict) -> None:
     assert dist_run["ties_checked_k"] == [1, 7, 40, 100, 161]
 

@@ -14,7 +14,8 @@ Scenarios
 * ``fsdp``: fully_shard model: estimate (local grad shards), select (all-reduced
   histograms), 6 steps == one process; the union of local masks is the single-process
   mask (exactly k).  After step 3 a DCP checkpoint is saved; a fresh model + optimizer
-  loaded from it continue steps 4-6 bit for bit.
+  loaded from it (unnamed params, ``mask.bind``) continue steps 4-6 bit for bit.
+* ``fsdp_dense``: ``mask=None`` under FSDP2 equals ``torch.optim.AdamW`` on FSDP2.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
     model2 = shard(make_model(seed + 1))
     mask2 = po.SparseMask.load(os.path.join(ckpt, f"mask_rank{dist.get_rank()}.safetensors"))
     check(mask2 == mask, "fsdp: mask file round trip")
-    opt2 = po.SparseAdamW(model2.named_parameters(), mask=mask2, **HP)
+    opt2 = po.SparseAdamW(model2.parameters(), mask=mask2.bind(model2), **HP)  # unnamed
     sd = {"model": model2.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt2, model2)}
     dcp.load(sd, checkpoint_id=ckpt)
     model2.load_state_dict(sd["model"])
@@ -262,6 +263,19 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
             check(torch.equal(opt.state[p1][key], opt2.state[p2][key]), f"resumed state {key}")
     return {"fsdp_max_rel_diff": w, "fsdp_max_update_rel_diff": u, "fsdp_mid_rel_diff": w_mid,
             "fsdp_local_k": mask.numel_selected(), "dcp_resume_exact": True}
+
+
+def scenario_fsdp_dense(seed: int, data) -> dict:
+    """mask=None under FSDP2: SparseAdamW is torch's AdamW, on local shards."""
+    ours, theirs = shard(make_model(seed)), shard(make_model(seed))
+    opt_a = po.SparseAdamW(ours.parameters(), **HP)
+    opt_b = torch.optim.AdamW(theirs.parameters(), foreach=False, **HP)
+    train(ours, opt_a, data[:2], split=True)
+    train(theirs, opt_b, data[:2], split=True)
+    a, b = full_weights(ours), full_weights(theirs)
+    d = max((a[n].double() - b[n].double()).abs().max().item() for n in a if a[n].numel())
+    check(d <= 1e-6, f"fsdp dense: SparseAdamW(mask=None) differs from AdamW by {d:.3g}")
+    return {"fsdp_dense_max_abs_diff": d}
 
 
 def main() -> None:
@@ -280,6 +294,7 @@ def main() -> None:
     ckpt = os.path.join(out, "ckpt")
     res.update(scenario_fsdp(seed, calib, data, ref, ckpt))
     log("fsdp ok")
+    res.update(scenario_fsdp_dense(seed, data))
     local_k = [None, None]
     dist.all_gather_object(local_k, res["fsdp_local_k"])
     res["fsdp_local_k"] = local_k
