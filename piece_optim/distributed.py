@@ -67,6 +67,15 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def is_ddp(model: nn.Module) -> bool:
+    """Whether ``model`` is wrapped in ``DistributedDataParallel``."""
+    if not _HAVE_DIST:
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
 def sharded_group(params: Sequence[Tensor]) -> Any | None:
     """The process group the DTensor params are sharded over, or None if none is a DTensor.
 

@@ -147,6 +147,16 @@ def check(cond: bool, what: str) -> None:
         raise AssertionError(f"rank {dist.get_rank()}: {what}")
 
 
+def check_in_backward_refused(model: nn.Module, what: str) -> None:
+    """in_backward hooks would fold gradients before they are reduced across ranks."""
+    try:
+        po.ImportanceEstimator(model, in_backward=True)
+    except NotImplementedError as e:
+        check("in_backward=True" in str(e), f"{what}: unclear error {e}")
+    else:
+        check(False, f"{what}: in_backward=True was accepted")
+
+
 # -- scenarios ---------------------------------------------------------------------------
 def scenario_ties(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
@@ -192,6 +202,7 @@ def scenario_ddp(seed: int, calib, data, ref) -> dict:
 
     ref_mask, start, _, ref_w = ref
     model = DDP(make_model(seed))
+    check_in_backward_refused(model, "ddp")
     mask = estimate(model, calib, split=True)
     pd.assert_same_mask(mask)
     got = {n.removeprefix("module."): mask[n] for n in mask.names()}
@@ -222,6 +233,7 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
 
     ref_mask, start, ref_mid, ref_w = ref
     model = shard(make_model(seed))
+    check_in_backward_refused(model, "fsdp")
     mask = estimate(model, calib, split=True)
     k = ref_mask.numel_selected()
     n_glob = pd.numel_selected_global(mask)
