@@ -68,10 +68,15 @@ def global_topk(
     eps: float,
     *,
     reduce_hist: Callable[[Tensor], None] | None = None,
+    share_ties: Callable[[list[int], int], list[int]] | None = None,
 ) -> list[Tensor]:
     """Indices of the global top-k scores, one sorted index tensor per source.
 
     ``reduce_hist`` (distributed) sums a histogram across ranks in place.
+    ``share_ties(local_eq, take_eq)`` (distributed) gets this rank's count of
+    threshold-equal scores per source and returns how many of them this rank keeps, per
+    source; it is called only when the tie at the threshold is cut (see
+    :func:`piece_optim.distributed.topk_hooks`).
     """
     if not sources:
         raise ValueError("nothing to select from: no eligible parameter has importance scores")
@@ -99,13 +104,29 @@ def global_topk(
     low, above2 = _find_bin(hist, k - above)
     thr = (top << HIST_BITS) | low
     take_eq = k - above - above2  # how many threshold-equal scores to keep, globally
+    quota = _tie_quota(sources, method, eps, thr, take_eq, int(hist[low].item()), share_ties)
 
     out = []
-    for s in sources:
+    for i, s in enumerate(sources):
         idx, n_eq = s.backend.score_compact(
-            s.sum_g, s.sum_g2, method, eps, thr, take_eq, s.index_dtype
-        )
+            s.sum_g, s.sum_g2, method, eps, thr, take_eq if quota is None else quota[i],
+            s.index_dtype,
+        )  # fmt: skip
         take_eq -= n_eq
         out.append(idx)
     return out
+
+
+def _tie_quota(sources, method, eps, thr, take_eq, n_eq_global, share_ties):
+    """Per-source count of threshold-equal scores to keep on this rank, or None.
+
+    None (the running count decides) for one process, or when every tied score is kept.
+    """
+    if share_ties is None or take_eq >= n_eq_global:
+        return None
+    local_eq = [
+        s.backend.score_compact(s.sum_g, s.sum_g2, method, eps, thr, s.numel, s.index_dtype)[1]
+        for s in sources
+    ]
+    return share_ties(local_eq, take_eq)
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ._backends import Backend, get_backend, validate_backend_name
 from ._reference import index_dtype_for
 from ._select import ScoreSource, global_topk
+from .distributed import is_ddp, local_tensor, sharded_group, topk_hooks
 from .mask import SparseMask
 
 METHODS = {"piece-f": "piece-f", "fisher": "piece-f", "piece-s": "piece-s",
@@ -97,12 +98,13 @@ class ImportanceEstimator:
                 self._others.append(p)
                 continue
             self._params[name] = p
-            self._shapes[name] = tuple(p.shape)
+            self._shapes[name] = tuple(local_tensor(p).shape)  # FSDP2: the local shard's
         if not self._params:
             raise ValueError(
                 "no parameter is eligible for selection: all are frozen, empty or excluded "
                 f"(exclude={self.exclude!r})"
             )
+        self._group = _sharding_checked(model, list(self._params.values()), self.in_backward)
         self._sum_g: dict[str, Tensor | None] = {}
         self._sum_g2: dict[str, Tensor] = {}
         self._terms = 0
@@ -118,7 +120,7 @@ class ImportanceEstimator:
 
     def _accumulators(self, name: str, p: Tensor) -> tuple[Tensor | None, Tensor]:
         if name not in self._sum_g2:
-            n = p.numel()
+            n = local_tensor(p).numel()
             self._sum_g2[name] = torch.zeros(n, dtype=self.accum_dtype, device=p.device)
             self._sum_g[name] = (
                 torch.zeros(n, dtype=self.accum_dtype, device=p.device)
@@ -154,7 +156,7 @@ class ImportanceEstimator:
             s1, s2 = self._accumulators(name, p)
             backend = self._backend_for(p)
             entry = by_backend.setdefault(id(backend), (backend, [], [], []))
-            entry[1].append(p.grad)
+            entry[1].append(local_tensor(p.grad))
             entry[2].append(s1)
             entry[3].append(s2)
         if not by_backend:
@@ -224,8 +226,8 @@ class ImportanceEstimator:
                     ScoreSource(
                         self._sum_g.get(name),
                         self._sum_g2[name],
-                        p.numel(),
-                        index_dtype_for(p.numel()),
+                        local_tensor(p).numel(),
+                        index_dtype_for(local_tensor(p).numel()),
                         self._backend_for(p),
                     ),
                 )
@@ -262,7 +264,7 @@ class ImportanceEstimator:
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"select(): k={k!r} must be a positive int")
         sources = self._sources()
-        eligible = sum(s.numel for _, s in sources)
+        eligible = sum(p.numel() for p in self._params.values())  # global under FSDP2
         if k > eligible:
             raise ValueError(
                 f"select(): k={k} exceeds the {eligible} eligible entries (excluded tensors, "
@@ -270,7 +272,9 @@ class ImportanceEstimator:
                 "or the exclusions"
             )
         with torch.no_grad():
-            idxs = global_topk([s for _, s in sources], k, self.method, self.eps)
+            idxs = global_topk(
+                [s for _, s in sources], k, self.method, self.eps, **topk_hooks(self._group)
+            )
         indices = {name: idx for (name, _), idx in zip(sources, idxs, strict=True) if idx.numel()}
         return SparseMask(indices, {n: self._shapes[n] for n in indices}, self._numel_total)
 
@@ -295,3 +299,20 @@ class ImportanceEstimator:
         n = sum(t.numel() * t.element_size() for t in self._sum_g2.values())
         n += sum(t.numel() * t.element_size() for t in self._sum_g.values() if t is not None)
         return n
+
+
+def _sharding_checked(model: nn.Module, params: list[nn.Parameter], in_backward: bool):
+    """The FSDP2 process group of the params (None if not sharded); validates the mode.
+
+    ``in_backward=True`` folds each gradient when autograd accumulates it, which is
+    before DDP averages it across ranks, and FSDP2 writes its reduced gradient shards
+    outside autograd: both would score the wrong gradients, so both are refused.
+    """
+    group = sharded_group(params)
+    if in_backward and (group is not None or is_ddp(model)):
+        raise NotImplementedError(
+            "in_backward=True is not supported under DDP or FSDP2: the hooks would fold "
+            "gradients before they are reduced across ranks. Use in_backward=False and "
+            "collect() after each backward()"
+        )
+    return group

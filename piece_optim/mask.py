@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reference import index_dtype_for
+from .distributed import local_tensor
 
 _FORMAT = "piece_optim.SparseMask/1"
 
@@ -156,9 +157,10 @@ class SparseMask(Mapping[str, Tensor]):
                     "for another model?"
                 )
             p = params[name]
-            if tuple(p.shape) != self._shapes[name]:
+            shape = tuple(local_tensor(p).shape)  # FSDP2: masks index the local shard
+            if shape != self._shapes[name]:
                 raise ValueError(
-                    f"SparseMask.bind: parameter {name!r} has shape {tuple(p.shape)}, the mask "
+                    f"SparseMask.bind: parameter {name!r} has shape {shape}, the mask "
                     f"was made for {self._shapes[name]}"
                 )
             out[p] = idx.to(p.device)

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._backends import validate_backend_name
+from .distributed import local_tensor
 from .functional import sparse_adamw
 from .mask import SparseMask, validate_indices
 
@@ -171,6 +172,7 @@ class SparseAdamW(Optimizer):
 
     def _register_param(self, p: Tensor, name: str | None) -> None:
         what = repr(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
+        lp = local_tensor(p)  # FSDP2: masks index the local shard (see distributed.py)
         if name is not None:
             self._names[p] = name
         if self._mask_kind == "dense":
@@ -184,10 +186,10 @@ class SparseAdamW(Optimizer):
             if name not in self._mask_by_name:
                 return  # frozen
             self._matched.add(name)
-            if name in self._mask_shapes and tuple(p.shape) != self._mask_shapes[name]:
+            if name in self._mask_shapes and tuple(lp.shape) != self._mask_shapes[name]:
                 raise ValueError(
                     f"mask entry {name!r} was made for shape {self._mask_shapes[name]}, the "
-                    f"parameter has shape {tuple(p.shape)}"
+                    f"parameter has shape {tuple(lp.shape)}"
                 )
             idx = self._mask_by_name[name]
         else:
@@ -197,12 +199,12 @@ class SparseAdamW(Optimizer):
             idx = self._mask_by_param[p]
         if not p.requires_grad or p.numel() == 0:
             return  # skipped: nothing to train (a zero-size or frozen param holds no state)
-        if not p.is_contiguous():
+        if not lp.is_contiguous():
             raise ValueError(f"{what}: SparseAdamW needs contiguous parameters")
         if p.is_complex():
             raise ValueError(f"{what}: complex parameters are not supported")
         if idx is not None:
-            idx = validate_indices(idx, p.numel(), f"mask[{what}]").to(p.device)
+            idx = validate_indices(idx, lp.numel(), f"mask[{what}]").to(p.device)
             if idx.numel() == 0:
                 return
         self._selection[p] = idx
@@ -214,6 +216,7 @@ class SparseAdamW(Optimizer):
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         idx = self._selection[p]
+        p = local_tensor(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if idx is None:
             shape: Any = p.shape
@@ -240,8 +243,25 @@ class SparseAdamW(Optimizer):
         return n
 
     def trainable_numel(self) -> int:
-        """How many parameter entries this optimizer updates."""
-        return sum(p.numel() if i is None else i.numel() for p, i in self._selection.items())
+        """How many parameter entries this optimizer updates (on this rank under FSDP2)."""
+        return sum(local_tensor(p).numel() if i is None else i.numel()
+                   for p, i in self._selection.items())  # fmt: skip
+
+    def selected_params(self) -> list[Tensor]:
+        """The parameters this optimizer trains (in param-group order)."""
+        return [p for p in self._ordered_params() if p in self._selection]
+
+    def mask_indices(self) -> dict[str, Tensor | None]:
+        """``{param name: sorted flat indices}`` of the trained entries (None: dense).
+
+        Under FSDP2 the indices are into the local shard.  Params passed without names
+        are keyed ``"#<position>"`` (their position in the param groups).
+        """
+        out: dict[str, Tensor | None] = {}
+        for i, p in enumerate(self._ordered_params()):
+            if p in self._selection:
+                out[self._names.get(p, f"#{i}")] = self._selection[p]
+        return out
 
     # -- step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -261,8 +281,8 @@ class SparseAdamW(Optimizer):
                     raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
                 state = self.state[p] or self._init_state(p)
                 state["step"] += 1
-                params.append(p)
-                grads.append(grad)
+                params.append(local_tensor(p))
+                grads.append(local_tensor(grad))
                 idxs.append(state.get("idx"))
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
@@ -451,7 +471,7 @@ class SparseAdamW(Optimizer):
                 )
             idx = self._selection[p]
             if idx is None:
-                if "idx" in st or tuple(st["exp_avg"].shape) != tuple(p.shape):
+                if "idx" in st or tuple(st["exp_avg"].shape) != tuple(local_tensor(p).shape):
                     raise ValueError(
                         f"state_dict for parameter {name} is sparse or of another shape; this "
                         "optimizer trains it densely (mask=None)"

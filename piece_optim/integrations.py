@@ -1,0 +1,197 @@
+"""Hugging Face integration: ``transformers.Trainer`` and ``accelerate`` with PIECE.
+
+Two ways, both through ``Trainer``'s own ``optimizer_cls_and_kwargs`` hook (no Trainer
+subclass, no patched training loop):
+
+1. You have a mask already (from :func:`estimate_mask` or a file)::
+
+       trainer = Trainer(model, args, train_dataset=ds,
+                         optimizer_cls_and_kwargs=piece_trainer_optimizer(model, mask))
+
+2. Let the Trainer estimate it on the first ``n_batches`` of its own training
+   dataloader (its collator, its device placement) right before training starts::
+
+       trainer = Trainer(model, args, train_dataset=ds)
+       piece = use_piece(trainer, n_batches=8, ratio=1e-3)
+       trainer.train()          # estimates, selects, then trains the selected entries
+       piece.mask               # the SparseMask used
+
+   This uses Trainer's optimizer *factory* path (``optimizer_cls_and_kwargs`` whose first
+   element is not an Optimizer class is called and handed the model), so estimation
+   happens inside ``create_optimizer()``, after the model is on its device.
+
+Hyperparameters come from ``TrainingArguments`` (``learning_rate``, ``adam_beta1/2``,
+``adam_epsilon``, ``weight_decay`` with Trainer's usual no-decay groups for biases and
+norms); gradient clipping (``max_grad_norm``) and the lr scheduler work unchanged because
+the gradients and param groups are ordinary ones.
+
+``accelerate``: ``Accelerator.prepare(model, SparseAdamW(...))`` needs nothing special;
+the optimizer is wrapped like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+
+from .importance import ImportanceEstimator
+from .mask import SparseMask
+from .optim import SparseAdamW
+
+
+def _loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
+    device = next(model.parameters()).device
+    if isinstance(batch, Mapping):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = model(**batch)
+    else:
+        raise TypeError(
+            f"estimate_mask: batches must be dicts of model inputs with labels (as a Hugging "
+            f"Face DataLoader yields), got {type(batch).__name__}"
+        )
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "estimate_mask: the model returned no loss; the batches need a 'labels' entry"
+        )
+    return loss
+
+
+def estimate_mask(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    n_batches: int,
+    ratio: float = 1e-3,
+    method: str = "piece-s",
+    eps: float = 1.0,
+    exclude: Iterable[str] = ("embed",),
+    progress: bool = True,
+) -> SparseMask:
+    """PIECE importance over the first ``n_batches`` of ``batches``, then the global top-k.
+
+    Each batch is a dict of model inputs including ``labels`` (``model(**batch).loss``);
+    each batch is one gradient term.  No weight changes; gradients are cleared after.
+    """
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"n_batches={n_batches!r} must be a positive int")
+    from tqdm.auto import tqdm
+
+    with ImportanceEstimator(model, method=method, eps=eps, exclude=exclude) as est:
+        seen = 0
+        for batch in tqdm(islice(batches, n_batches), total=n_batches, disable=not progress,
+                          desc="PIECE importance"):  # fmt: skip
+            _loss_of(model, batch).backward()
+            est.collect()
+            seen += 1
+        if seen < n_batches:
+            raise ValueError(
+                f"estimate_mask: asked for n_batches={n_batches} but the data gave only {seen}"
+            )
+        mask = est.select(ratio=ratio)
+    model.zero_grad(set_to_none=True)
+    return mask
+
+
+def piece_trainer_optimizer(
+    model: nn.Module, mask: SparseMask, **optimizer_kwargs: Any
+) -> tuple[type[SparseAdamW], dict[str, Any]]:
+    """``(SparseAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+
+    Trainer hands the optimizer unnamed param groups, so the mask is bound to ``model``'s
+    parameter objects here (:meth:`SparseMask.bind`).  ``optimizer_kwargs`` (``lr``,
+    ``betas``, ``eps``, ``sparse_grads``, ...) go to :class:`SparseAdamW`; per-group weight
+    decay comes from ``TrainingArguments.weight_decay``.
+    """
+    if not isinstance(mask, SparseMask):
+        raise TypeError(f"mask must be a SparseMask, got {type(mask).__name__}")
+    if "mask" in optimizer_kwargs:
+        raise TypeError("pass the mask as the second argument, not in optimizer_kwargs")
+    return SparseAdamW, {"mask": mask.bind(model), **optimizer_kwargs}
+
+
+class PieceOptimizerFactory:
+    """Trainer's optimizer factory: estimate on the trainer's data, then make SparseAdamW.
+
+    Made by :func:`use_piece`; after training starts, ``mask`` holds the mask used.
+    """
+
+    def __init__(self, trainer: Any, n_batches: int, ratio: float, method: str, eps: float,
+                 exclude: Iterable[str], optimizer_kwargs: dict[str, Any]) -> None:  # fmt: skip
+        self.trainer = trainer
+        self.n_batches = n_batches
+        self.ratio = ratio
+        self.method = method
+        self.eps = eps
+        self.exclude = tuple(exclude)
+        self.optimizer_kwargs = optimizer_kwargs
+        self.mask: SparseMask | None = None
+
+    def build(self, model: nn.Module, **kwargs: Any) -> SparseAdamW:
+        args = self.trainer.args
+        self.mask = estimate_mask(
+            model, self.trainer.get_train_dataloader(), n_batches=self.n_batches,
+            ratio=self.ratio, method=self.method, eps=self.eps, exclude=self.exclude,
+            progress=not args.disable_tqdm,
+        )  # fmt: skip
+        decay = set(self.trainer.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [(n, p) for n, p in named if n in decay], "weight_decay": args.weight_decay},
+            {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                  eps=args.adam_epsilon)  # fmt: skip
+        hp.update(self.optimizer_kwargs)
+        hp.update(kwargs)
+        return SparseAdamW(groups, mask=self.mask, **hp)
+
+
+class _Builder:
+    """What Trainer's factory path calls: ``optimizer_cls()(opt_model, **kwargs)``."""
+
+    def __init__(self, factory: PieceOptimizerFactory) -> None:
+        self.factory = factory
+
+    def __call__(self) -> Any:
+        return self.factory.build
+
+
+def use_piece(
+    trainer: Any,
+    *,
+    n_batches: int,
+    ratio: float = 1e-3,
+    method: str = "piece-s",
+    eps: float = 1.0,
+    exclude: Iterable[str] = ("embed",),
+    **optimizer_kwargs: Any,
+) -> PieceOptimizerFactory:
+    """Make ``trainer`` estimate PIECE importance on its first ``n_batches`` training
+    batches when training starts, and train the selected entries with SparseAdamW.
+
+    ``optimizer_kwargs`` override the hyperparameters taken from ``TrainingArguments``.
+    Returns the factory; its ``mask`` is set once ``trainer.train()`` created the optimizer.
+    """
+    try:
+        from transformers.trainer_optimizer import is_optimizer_factory
+    except ImportError as exc:
+        raise RuntimeError(
+            "use_piece needs a transformers version whose Trainer accepts optimizer factories "
+            "(transformers.trainer_optimizer.is_optimizer_factory); with an older one, use "
+            "estimate_mask() + piece_trainer_optimizer()"
+        ) from exc
+    if getattr(trainer, "optimizer", None) is not None:
+        raise RuntimeError("use_piece: the trainer already has an optimizer; do not pass one")
+    factory = PieceOptimizerFactory(trainer, n_batches, ratio, method, eps, exclude,
+                                    dict(optimizer_kwargs))  # fmt: skip
+    builder = _Builder(factory)
+    if not is_optimizer_factory(builder):
+        raise RuntimeError("this transformers version does not treat callables as factories")
+    trainer.optimizer_cls_and_kwargs = (builder, {})
+    return factory

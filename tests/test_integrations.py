@@ -1,0 +1,196 @@
+"""transformers.Trainer and accelerate with PIECE, on a tiny LlamaForCausalLM (CPU).
+
+The model is built from a LlamaConfig (no download); the data is fresh random tokens.
+Each Trainer run is checked against a hand-written loop doing what Trainer should do
+(same batches in the same order, same clipping), and the frozen entries bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+import piece_optim as po  # noqa: E402
+from piece_optim.integrations import (  # noqa: E402
+    estimate_mask,
+    piece_trainer_optimizer,
+    use_piece,
+)
+
+VOCAB, SEQ, BS, N_EX, STEPS, N_CALIB, RATIO = 67, 9, 4, 16, 20, 3, 0.01
+LR, BETAS, EPS, CLIP = 2e-3, (0.9, 0.95), 1e-8, 1.0
+
+
+class Tokens(Dataset):
+    def __init__(self, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (N_EX, SEQ), generator=g)
+
+    def __len__(self) -> int:
+        return N_EX
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_llama(seed: int) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def trainer_for(model, ds, tmp_path, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BS,
+        learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS,
+        weight_decay=0.0, max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0,
+        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, **kw)
+    # Sequential batches, so the hand-written loop below sees the same ones.
+    trainer._get_train_sampler = lambda *a, **k: SequentialSampler(ds)
+    return trainer
+
+
+def loader(ds) -> DataLoader:
+    return DataLoader(ds, batch_size=BS, collate_fn=transformers.default_data_collator)
+
+
+def manual_run(model, ds, mask) -> None:
+    """What Trainer should do: 20 steps, clip to CLIP, constant lr, SparseAdamW."""
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=LR, betas=BETAS, eps=EPS,
+                         weight_decay=0.0)  # fmt: skip
+    step = 0
+    while step < STEPS:
+        for batch in loader(ds):
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == STEPS:
+                break
+
+
+def check_only_mask_changed(model, start, mask) -> None:
+    params = dict(model.named_parameters())
+    changed = 0
+    for name, p in params.items():
+        moved = (p.detach() != start[name]).view(-1)
+        allowed = mask.dense(name).view(-1) if name in mask else torch.zeros_like(moved)
+        assert not bool((moved & ~allowed).any()), f"{name}: an entry outside the mask changed"
+        changed += int(moved.sum())
+    # selected entries have large gradients: 20 Adam steps move (nearly) all of them
+    assert changed >= 0.9 * mask.numel_selected()
+
+
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    out = 0.0
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        d = (p.detach().double() - q.detach().double()).abs().max().item()
+        out = max(out, d / max(q.detach().double().abs().max().item(), 1e-30))
+    return out
+
+
+def test_trainer_use_piece_estimates_then_trains(seed: int, tmp_path) -> None:
+    ds = Tokens(seed)
+    model = tiny_llama(seed)
+    twin = copy.deepcopy(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = trainer_for(model, ds, tmp_path)
+    piece = use_piece(trainer, n_batches=N_CALIB, ratio=RATIO)
+    trainer.train()
+
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else (
+        trainer.optimizer)  # fmt: skip
+    assert isinstance(opt, po.SparseAdamW)
+    total = sum(p.numel() for p in model.parameters())
+    assert piece.mask.numel_selected() == int(RATIO * total) == opt.trainable_numel()
+    assert not any("embed" in n for n in piece.mask.names())
+    check_only_mask_changed(model, start, piece.mask)
+
+    # the same estimate + loop by hand, on the same first N_CALIB batches
+    want_mask = estimate_mask(twin, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO,
+                              progress=False)  # fmt: skip
+    assert want_mask == piece.mask
+    manual_run(twin, ds, want_mask)
+    assert max_rel(model, twin) < 1e-5
+
+
+def test_trainer_optimizer_cls_and_kwargs(seed: int, tmp_path) -> None:
+    ds = Tokens(seed)
+    model = tiny_llama(seed)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = estimate_mask(model, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO,
+                         method="piece-f", progress=False)  # fmt: skip
+    kw = piece_trainer_optimizer(model, mask, lr=LR, betas=BETAS, eps=EPS)
+    trainer = trainer_for(model, ds, tmp_path, optimizer_cls_and_kwargs=kw)
+    trainer.train()
+    check_only_mask_changed(model, start, mask)
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else (
+        trainer.optimizer)  # fmt: skip
+    assert isinstance(opt, po.SparseAdamW)
+    got = opt.mask_indices()  # unnamed params (Trainer's groups): keyed by position
+    want = [mask[n] for n, _ in model.named_parameters() if n in mask]
+    assert len(got) == len(want)
+    assert all(torch.equal(a, b) for a, b in zip(got.values(), want, strict=True))
+
+
+def test_piece_trainer_optimizer_errors(seed: int) -> None:
+    model = tiny_llama(seed)
+    with pytest.raises(TypeError, match="SparseMask"):
+        piece_trainer_optimizer(model, {"x": torch.tensor([0])})
+    with pytest.raises(ValueError, match="n_batches"):
+        estimate_mask(model, [], n_batches=0)
+    with pytest.raises(ValueError, match="gave only 0"):
+        estimate_mask(model, [], n_batches=2, progress=False)
+
+
+def test_accelerate_prepare_and_resume(seed: int, tmp_path) -> None:
+    from accelerate import Accelerator
+
+    ds = Tokens(seed)
+    model = tiny_llama(seed)
+    twin = copy.deepcopy(model)
+    mask = estimate_mask(model, iter(loader(ds)), n_batches=2, ratio=RATIO, progress=False)
+    batches = list(loader(ds))
+
+    def run(m, acc, opt, bs):
+        for b in bs:
+            (acc.backward if acc else torch.Tensor.backward)(m(**b).loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    acc = Accelerator(cpu=True)
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=LR, betas=BETAS)
+    pm, popt = acc.prepare(model, opt)
+    run(pm, acc, popt, batches[:2])
+    acc.save_state(str(tmp_path / "ckpt"))
+    run(pm, acc, popt, batches[2:])
+
+    plain = po.SparseAdamW(twin.named_parameters(), mask=mask, lr=LR, betas=BETAS)
+    run(twin, None, plain, batches)
+    assert same(model, twin)
+
+    # resume from the accelerate checkpoint into a fresh model + optimizer
+    fresh = tiny_llama(seed + 1)
+    acc2 = Accelerator(cpu=True)
+    opt2 = po.SparseAdamW(fresh.named_parameters(), mask=mask, lr=LR, betas=BETAS)
+    pm2, popt2 = acc2.prepare(fresh, opt2)
+    acc2.load_state(str(tmp_path / "ckpt"))
+    run(pm2, acc2, popt2, batches[2:])
+    assert same(fresh, model)
