@@ -357,9 +357,16 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def copy_bandwidth(n: int, device: torch.device | str = "cpu", *, repeats: int = 5) -> float:
-    """Measured ``dst.copy_(src)`` bandwidth in GB/s (read + write bytes) for ``n`` fp32."""
+def measure_copy(
+    n: int, device: torch.device | str = "cpu", *, repeats: int = 5
+) -> tuple[Timing, float]:
+    """Time ``dst.copy_(src)`` for ``n`` fp32; returns the timing and its GB/s (read + write)."""
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
-    return 2 * 4 * n / (t.median_ms * 1e-3) / 1e9
+    return t, 2 * 4 * n / (t.median_ms * 1e-3) / 1e9
+
+
+def copy_bandwidth(n: int, device: torch.device | str = "cpu", *, repeats: int = 5) -> float:
+    """Measured copy bandwidth in GB/s for ``n`` fp32 elements (see :func:`measure_copy`)."""
+    return measure_copy(n, device, repeats=repeats)[1]

@@ -41,7 +41,7 @@ from piece_optim import _reference as ref
 from piece_optim._backends import get_backend
 from piece_optim._select import ScoreSource, global_topk
 
-from .harness import Timing, append_rows, copy_bandwidth, make_row, provenance, time_fn
+from .harness import Timing, append_rows, make_row, measure_copy, provenance, time_fn
 
 FULL_SIZES = (1_000_000, 10_000_000, 50_000_000)
 QUICK_SIZES = (1 << 17, 1 << 20)
@@ -89,6 +89,96 @@ def _dense_adamw_timing(n: int, device: torch.device, kind: str, warmup: int,
     return time_fn(opt.step, warmup=warmup, repeats=repeats, device=device)
 
 
+def _bench_n(n: int, names: Sequence[str], ratios: Sequence[float],
+             benchmarks: Sequence[str], device: torch.device, prov: dict[str, str],
+             kw: dict[str, Any], tick: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
+    """All rows for one N (its tensors are freed when this returns)."""
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device=device).manual_seed(n)
+    t, copy_gbps = measure_copy(n, device, repeats=kw["repeats"])
+    if "copy" in benchmarks:
+        rows.append(make_row("copy", "torch", t, prov=prov, n=n, bytes_moved=8 * n,
+                             copy_gbps=copy_gbps))  # fmt: skip
+        tick(f"copy n={n}")
+    grad = torch.randn(n, generator=gen, device=device)
+    sum_g = torch.randn(n, generator=gen, device=device)
+    sum_g2 = torch.rand(n, generator=gen, device=device) + sum_g * sum_g
+    scores = ref.score(sum_g, sum_g2, "piece-s", 1.0)
+    perm = torch.randperm(n, generator=gen, device=device)
+
+    base: dict[str, Timing | None] = {}
+    if "accumulate" in benchmarks:
+        a1, a2 = sum_g.clone(), sum_g2.clone()
+        base["eager"] = time_fn(lambda: (a1.add_(grad), a2.addcmul_(grad, grad)), **kw)
+    if "step" in benchmarks:
+        for kind in ("fused", "foreach"):
+            base[kind] = _dense_adamw_timing(n, device, kind, kw["warmup"], kw["repeats"])
+    for ratio in ratios:
+        k = _k_for(n, ratio)
+        if "select" in benchmarks:
+            base[f"topk{ratio}"] = time_fn(
+                lambda k=k: torch.topk(ref.score(sum_g, sum_g2, "piece-s", 1.0), k), **kw)
+            base[f"kth{ratio}"] = time_fn(
+                lambda k=k: torch.kthvalue(ref.score(sum_g, sum_g2, "piece-s", 1.0),
+                                           n - k + 1), **kw)  # fmt: skip
+        if "compaction" in benchmarks:
+            v = torch.kthvalue(scores, n - k + 1).values.item()
+            base[f"nz{ratio}"] = time_fn(lambda v=v: torch.nonzero(scores >= v), **kw)
+
+    for name in names:
+        be = get_backend(name, device)
+        if "accumulate" in benchmarks:
+            a1, a2 = sum_g.clone(), sum_g2.clone()
+            t = time_fn(lambda be=be, a1=a1, a2=a2: be.accumulate_(grad, a1, a2), **kw)
+            rows.append(make_row("accumulate", name, t, prov=prov, n=n,
+                                 baseline="torch eager add_+addcmul_",
+                                 baseline_timing=base["eager"], bytes_moved=20 * n,
+                                 copy_gbps=copy_gbps))  # fmt: skip
+            tick(f"accumulate {name} n={n}")
+        for ratio in ratios:
+            k = _k_for(n, ratio)
+            if "step" in benchmarks:
+                idx = perm[:k].sort().values.to(torch.int32)
+                param = torch.randn(n, device=device)
+                m = torch.randn(k, device=device) * 1e-3
+                v = torch.rand(k, device=device) * 1e-6
+                t = time_fn(lambda be=be, idx=idx, param=param, m=m, v=v: be.adamw_step_(
+                    param, grad, idx, m, v, None, step=10, **_HP), **kw)  # fmt: skip
+                for kind in ("fused", "foreach"):
+                    if base[kind] is None:
+                        continue
+                    rows.append(make_row("step", name, t, prov=prov, n=n, k=k, ratio=ratio,
+                                         baseline=f"torch.optim.AdamW({kind}, dense N)",
+                                         baseline_timing=base[kind], bytes_moved=32 * k,
+                                         copy_gbps=copy_gbps))  # fmt: skip
+                tick(f"step {name} n={n} r={ratio}")
+            if "select" in benchmarks:
+                src = [ScoreSource(sum_g, sum_g2, n, torch.int32, be)]
+                t = time_fn(lambda src=src, k=k: global_topk(src, k, "piece-s", 1.0), **kw)
+                for key, label in ((f"topk{ratio}", "score+torch.topk"),
+                                   (f"kth{ratio}", "score+torch.kthvalue")):  # fmt: skip
+                    rows.append(make_row("select", name, t, prov=prov, n=n, k=k,
+                                         ratio=ratio, baseline=label,
+                                         baseline_timing=base[key],
+                                         bytes_moved=3 * 8 * n + 4 * k,
+                                         copy_gbps=copy_gbps))  # fmt: skip
+                tick(f"select {name} n={n} r={ratio}")
+            if "compaction" in benchmarks:
+                v = torch.kthvalue(scores, n - k + 1).values.item()
+                thr = _bits(v)
+                above = int((scores > v).sum().item())
+                take_eq = k - above
+                t = time_fn(lambda be=be, thr=thr, take_eq=take_eq: be.compact(
+                    scores, thr, take_eq, torch.int32), **kw)  # fmt: skip
+                rows.append(make_row("compaction", name, t, prov=prov, n=n, k=k,
+                                     ratio=ratio, baseline="torch.nonzero(scores >= v)",
+                                     baseline_timing=base[f"nz{ratio}"],
+                                     bytes_moved=4 * n + 4 * k,
+                                     copy_gbps=copy_gbps))  # fmt: skip
+                tick(f"compaction {name} n={n} r={ratio}")
+    return rows
+
+
 def run(
     *,
     sizes: Sequence[int] = FULL_SIZES,
@@ -113,92 +203,9 @@ def run(
     rows: list[dict[str, Any]] = []
     tick = progress or (lambda _label: None)
     kw = dict(warmup=warmup, repeats=repeats, device=device)
-    gen = torch.Generator(device="cpu").manual_seed(0)
 
     for n in sizes:
-        copy_gbps = copy_bandwidth(n, device, repeats=repeats)
-        if "copy" in benchmarks:
-            t = Timing(2 * 4 * n / (copy_gbps * 1e9) * 1e3, 0.0, ())
-            rows.append(make_row("copy", "torch", t, prov=prov, n=n, bytes_moved=8 * n,
-                                 copy_gbps=copy_gbps))  # fmt: skip
-            tick(f"copy n={n}")
-        grad = torch.randn(n, generator=gen).to(device)
-        sum_g = torch.randn(n, generator=gen).to(device)
-        sum_g2 = torch.rand(n, generator=gen).to(device) + sum_g * sum_g
-        scores = ref.score(sum_g, sum_g2, "piece-s", 1.0)
-        perm = torch.randperm(n, generator=gen).to(device)
-
-        base: dict[str, Timing | None] = {}
-        if "accumulate" in benchmarks:
-            a1, a2 = sum_g.clone(), sum_g2.clone()
-            base["eager"] = time_fn(lambda: (a1.add_(grad), a2.addcmul_(grad, grad)), **kw)
-        if "step" in benchmarks:
-            for kind in ("fused", "foreach"):
-                base[kind] = _dense_adamw_timing(n, device, kind, warmup, repeats)
-        for ratio in ratios:
-            k = _k_for(n, ratio)
-            if "select" in benchmarks:
-                base[f"topk{ratio}"] = time_fn(
-                    lambda k=k: torch.topk(ref.score(sum_g, sum_g2, "piece-s", 1.0), k), **kw)
-                base[f"kth{ratio}"] = time_fn(
-                    lambda k=k: torch.kthvalue(ref.score(sum_g, sum_g2, "piece-s", 1.0),
-                                               n - k + 1), **kw)  # fmt: skip
-            if "compaction" in benchmarks:
-                v = torch.kthvalue(scores.cpu(), n - k + 1).values.item()
-                base[f"nz{ratio}"] = time_fn(lambda v=v: torch.nonzero(scores >= v), **kw)
-
-        for name in names:
-            be = get_backend(name, device)
-            if "accumulate" in benchmarks:
-                a1, a2 = sum_g.clone(), sum_g2.clone()
-                t = time_fn(lambda be=be, a1=a1, a2=a2: be.accumulate_(grad, a1, a2), **kw)
-                rows.append(make_row("accumulate", name, t, prov=prov, n=n,
-                                     baseline="torch eager add_+addcmul_",
-                                     baseline_timing=base["eager"], bytes_moved=20 * n,
-                                     copy_gbps=copy_gbps))  # fmt: skip
-                tick(f"accumulate {name} n={n}")
-            for ratio in ratios:
-                k = _k_for(n, ratio)
-                if "step" in benchmarks:
-                    idx = perm[:k].sort().values.to(torch.int32)
-                    param = torch.randn(n, device=device)
-                    m = torch.randn(k, device=device) * 1e-3
-                    v = torch.rand(k, device=device) * 1e-6
-                    t = time_fn(lambda be=be, idx=idx, param=param, m=m, v=v: be.adamw_step_(
-                        param, grad, idx, m, v, None, step=10, **_HP), **kw)  # fmt: skip
-                    for kind in ("fused", "foreach"):
-                        if base[kind] is None:
-                            continue
-                        rows.append(make_row("step", name, t, prov=prov, n=n, k=k, ratio=ratio,
-                                             baseline=f"torch.optim.AdamW({kind}, dense N)",
-                                             baseline_timing=base[kind], bytes_moved=32 * k,
-                                             copy_gbps=copy_gbps))  # fmt: skip
-                    tick(f"step {name} n={n} r={ratio}")
-                if "select" in benchmarks:
-                    src = [ScoreSource(sum_g, sum_g2, n, torch.int32, be)]
-                    t = time_fn(lambda src=src, k=k: global_topk(src, k, "piece-s", 1.0), **kw)
-                    for key, label in ((f"topk{ratio}", "score+torch.topk"),
-                                       (f"kth{ratio}", "score+torch.kthvalue")):  # fmt: skip
-                        rows.append(make_row("select", name, t, prov=prov, n=n, k=k,
-                                             ratio=ratio, baseline=label,
-                                             baseline_timing=base[key],
-                                             bytes_moved=3 * 8 * n + 4 * k,
-                                             copy_gbps=copy_gbps))  # fmt: skip
-                    tick(f"select {name} n={n} r={ratio}")
-                if "compaction" in benchmarks:
-                    v = torch.kthvalue(scores.cpu(), n - k + 1).values.item()
-                    thr = _bits(v)
-                    above = int((scores > v).sum().item())
-                    take_eq = k - above
-                    t = time_fn(lambda be=be, thr=thr, take_eq=take_eq: be.compact(
-                        scores, thr, take_eq, torch.int32), **kw)  # fmt: skip
-                    rows.append(make_row("compaction", name, t, prov=prov, n=n, k=k,
-                                         ratio=ratio, baseline="torch.nonzero(scores >= v)",
-                                         baseline_timing=base[f"nz{ratio}"],
-                                         bytes_moved=4 * n + 4 * k,
-                                         copy_gbps=copy_gbps))  # fmt: skip
-                    tick(f"compaction {name} n={n} r={ratio}")
-        del grad, sum_g, sum_g2, scores, perm
+        rows += _bench_n(n, names, ratios, benchmarks, device, prov, kw, tick)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
