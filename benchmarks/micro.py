@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = run(sizes=sizes, ratios=ratios, device=args.device, backends=names,
                    benchmarks=args.benchmarks, repeats=args.repeats,
                    progress=lambda label: (bar.set_postfix_str(label), bar.update()))  # fmt: skip
-    path = Path(args.out) / "micro.csv"
+    path = Path(args.out) / "bench.csv"
     append_rows(path, rows)
     print(f"wrote {len(rows)} rows to {path}")
     return 0
