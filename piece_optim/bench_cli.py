@@ -117,20 +117,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
     total = micro.count(sizes, ratios, len(names)) + (1 + len(names) if e2e else 0)
     t0 = time.perf_counter()
+    nrows = 0
     with tqdm(total=total, desc="piece-optim bench", unit="run") as bar:
         def tick(label: str) -> None:
             bar.set_postfix_str(label, refresh=False)
             bar.update()
 
-        rows = micro.run(sizes=sizes, ratios=ratios, device=device, backends=names,
-                         warmup=warmup, repeats=repeats, progress=tick)  # fmt: skip
+        # Append after each N: a run cut short (a timeout on a big N) keeps what it measured.
+        for n in sizes:
+            nrows += harness.append_rows(csv_path, micro.run(
+                sizes=[n], ratios=ratios, device=device, backends=names, warmup=warmup,
+                repeats=repeats, progress=tick))  # fmt: skip
         if e2e is not None:
-            rows += e2e.throughput_rows(size, device=device, backends=names, warmup=warmup,
-                                        repeats=repeats, progress=tick)  # fmt: skip
+            nrows += harness.append_rows(csv_path, e2e.throughput_rows(
+                size, device=device, backends=names, warmup=warmup, repeats=repeats,
+                progress=tick))  # fmt: skip
     if e2e is not None:
-        rows += e2e.memory_rows(args.quick or tiny, device)
-    harness.append_rows(csv_path, rows)
-    print(f"wrote {len(rows)} rows to {csv_path} in {time.perf_counter() - t0:.0f} s "
+        nrows += harness.append_rows(csv_path, e2e.memory_rows(args.quick or tiny, device))
+    print(f"wrote {nrows} rows to {csv_path} in {time.perf_counter() - t0:.0f} s "
           f"(backends: {', '.join(names)}; device: {harness.device_name(device)})")  # fmt: skip
     if not args.no_plot:
         try:
