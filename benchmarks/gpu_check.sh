@@ -84,7 +84,8 @@ stage tests-cuda 75 env PIECE_OPTIM_BACKEND=cuda $PY -m pytest -q -x -p no:cache
 stage bench 150 $PY -m piece_optim bench --device cuda --threads 0 --max-n "$MAX_N" --out "$OUT_DIR"
 if [ "$DRY_RUN" = 1 ]; then
   # The GPU-free path: the same CSV writer, on CPU at toy sizes.
-  stage csv 120 env PIECE_BENCH_TINY=1 $PY -m piece_optim bench --device cpu --no-plot --out "$OUT_DIR"
+  stage csv 120 env PIECE_BENCH_TINY=1 $PY -m piece_optim bench --device cpu --no-e2e --no-plot \
+    --out "$OUT_DIR"
 fi
 
 echo "== summary ($SUMMARY)" | tee -a "$LOG"
