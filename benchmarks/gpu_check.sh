@@ -6,10 +6,11 @@
 #
 # Stages, each under its own `timeout` so the whole check stays under 8 minutes:
 #   1. env     (20 s)  nvidia-smi, torch / triton / CUDA versions
-#   2. build   (150 s) pip install --no-build-isolation --no-deps -e . (builds the CUDA
-#                      extension when CUDA_HOME / nvcc are present), arch = this GPU only
-#   3. tests   (75 s + 75 s) the test suite natively with PIECE_OPTIM_BACKEND=triton, =cuda
-#   4. bench   (150 s) piece-optim bench --device cuda --max-n N: micro benchmarks at N up
+#   2. build   (140 s) pip install --no-build-isolation --no-deps -e . with
+#                      PIECE_FORCE_BUILD=1 (builds the CUDA extension; CUDA_HOME / nvcc
+#                      needed), arch = this GPU only; then (30 s) triton + cuda must load
+#   3. tests   (70 s + 70 s) the test suite natively with PIECE_OPTIM_BACKEND=triton, =cuda
+#   4. bench   (140 s) piece-optim bench --device cuda --max-n N: micro benchmarks at N up
 #                      to N (default 1e9) vs torch.topk / kthvalue and fused AdamW, copy
 #                      bandwidth, and the small-LLaMA training step
 # Worst case 470 s.  Everything goes to DIR (default $OUT, else ./gpu_check_out):
@@ -77,11 +78,13 @@ echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) repo=$REPO out=$OUT_DIR max_n=
 
 stage env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name(0))'"
 ARCH=$($PY -c "import torch; c=torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')" 2>/dev/null || echo "")
-stage build 150 env ${ARCH:+TORCH_CUDA_ARCH_LIST=$ARCH} MAX_JOBS=${MAX_JOBS:-16} \
-  $PY -m pip install --no-build-isolation --no-deps -q -e .
-stage tests-triton 75 env PIECE_OPTIM_BACKEND=triton $PY -m pytest -q -x -p no:cacheprovider tests
-stage tests-cuda 75 env PIECE_OPTIM_BACKEND=cuda $PY -m pytest -q -x -p no:cacheprovider tests
-stage bench 150 $PY -m piece_optim bench --device cuda --threads 0 --max-n "$MAX_N" --out "$OUT_DIR"
+stage build 140 env PIECE_FORCE_BUILD=1 ${ARCH:+PIECE_CUDA_ARCH_LIST=$ARCH TORCH_CUDA_ARCH_LIST=$ARCH} \
+  MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -q -e .
+stage backends 30 $PY -c "import piece_optim as p; b = p.available_backends('cuda'); print(b); \
+missing = {'triton', 'cuda'} - set(b); assert not missing, f'not loaded: {missing}'"
+stage tests-triton 70 env PIECE_OPTIM_BACKEND=triton $PY -m pytest -q -x -p no:cacheprovider tests
+stage tests-cuda 70 env PIECE_OPTIM_BACKEND=cuda $PY -m pytest -q -x -p no:cacheprovider tests
+stage bench 140 $PY -m piece_optim bench --device cuda --threads 0 --max-n "$MAX_N" --out "$OUT_DIR"
 if [ "$DRY_RUN" = 1 ]; then
   # The GPU-free path: the same CSV writer, on CPU at toy sizes.
   stage csv 120 env PIECE_BENCH_TINY=1 $PY -m piece_optim bench --device cpu --no-e2e --no-plot \

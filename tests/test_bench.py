@@ -307,7 +307,8 @@ def test_gpu_check_dry_run_writes_csv(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (out / "summary.txt").read_text().split("\n")
     stages = [line.split()[:2] for line in summary if line.strip()]
-    assert stages == [["env", "skipped"], ["build", "skipped"], ["tests-triton", "skipped"],
+    assert stages == [["env", "skipped"], ["build", "skipped"], ["backends", "skipped"],
+                      ["tests-triton", "skipped"],
                       ["tests-cuda", "skipped"], ["bench", "skipped"], ["csv", "pass"]]  # fmt: skip
     log = (out / "gpu_check.log").read_text()
     assert "max_n=2000000" in log and "--max-n 2000000" in log
