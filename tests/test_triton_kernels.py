@@ -217,12 +217,13 @@ def test_accumulate_many_batches_small_tensors(be, seed, monkeypatch):
     gen = _gen(seed)
     spec = [(7, F32, F32, True), (0, F32, F32, True), (1, F32, F32, True), (599, F32, F32, True),
             (1031, F32, F32, True), (5, BF16, F32, False), (300, BF16, F32, False),
-            (13, F16, BF16, True), (77, F16, BF16, True)]  # fmt: skip
+            (13, F16, BF16, True), (77, F16, BF16, True), (9, F32, (F32, BF16), True)]  # fmt: skip
     grads, s1s, s2s, r1s, r2s = [], [], [], [], []
     for n, gdt, adt, has_g in spec:
+        adt1, adt2 = adt if isinstance(adt, tuple) else (adt, adt)  # mixed: sum_g, sum_g2
         grads.append(rnd(n, gen, gdt))
-        s1s.append(rnd(n, gen, adt) if has_g else None)
-        s2s.append(rnd(n, gen).abs().to(adt))
+        s1s.append(rnd(n, gen, adt1) if has_g else None)
+        s2s.append(rnd(n, gen).abs().to(adt2))
         r1s.append(s1s[-1].clone() if has_g else None)
         r2s.append(s2s[-1].clone())
     be.accumulate_many_(grads, s1s, s2s)
