@@ -8,6 +8,7 @@ truncates).  fp16 uses Triton's own casts (IEEE round-to-nearest-even everywhere
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -77,7 +78,7 @@ def uint_bits(s):
     return s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
 
 
-def launch_opts(t) -> dict:  # noqa: ANN001
+def launch_opts(t: torch.Tensor) -> dict:
     """Launch options: on GPUs forbid the compiler's own mul+add -> fma contraction, so the
     only fmas are the explicit ``tl.fma`` calls that mirror torch's kernels."""
     return {"enable_fp_fusion": False} if t.device.type == "cuda" else {}

@@ -91,8 +91,6 @@ def _check(grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor) -> tuple[Tensor, 
                 f"accumulator of {a.numel()} elements on {a.device} does not match the grad "
                 f"({grad.numel()} elements on {grad.device})"
             )
-    if sum_g is not None and sum_g.dtype != sum_g2.dtype:
-        raise ValueError("sum_g and sum_g2 must share one dtype")
     return grad.reshape(-1).contiguous(), sum_g2.view(-1)
 
 
@@ -138,7 +136,7 @@ def accumulate_many_triton(
         n = g.numel()
         if n == 0:
             continue
-        if n > BATCH_NUMEL:
+        if n > BATCH_NUMEL or (s1 is not None and s1.dtype != s2.dtype):
             accumulate_triton(g, s1, s2f)
             continue
         key = (g.device, g.dtype, s2.dtype, s1 is not None)
