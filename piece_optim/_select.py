@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,12 +42,22 @@ class ScoreSource:
     backend: Backend
 
 
-def _find_bin(hist: Tensor, k: int) -> tuple[int, int]:
+def _find_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     """Bin holding the k-th largest element (1-based k) and the count in higher bins."""
-    counts = hist.flip(0).cumsum(0)  # counts[j] = elements in bins >= HIST_BINS-1-j
-    j = int(torch.searchsorted(counts, torch.tensor([k], dtype=counts.dtype)).item())
-    above = int(counts[j - 1].item()) if j > 0 else 0
+    counts = np.cumsum(hist[::-1])  # counts[j] = elements in bins >= HIST_BINS-1-j
+    j = int(np.searchsorted(counts, k))
+    above = int(counts[j - 1]) if j > 0 else 0
     return HIST_BINS - 1 - j, above
+
+
+def _new_hist(device: torch.device) -> Tensor:
+    # The 65536-bin bookkeeping runs in numpy, single-threaded: each torch op on a CPU
+    # tensor this size opens an OpenMP region, and on a loaded machine each region cost up
+    # to a scheduler time slice (~20 ms measured on the 2 shared cores of CI, x9 per
+    # selection), more than the histogram passes over 20M scores themselves.
+    if device.type == "cpu":
+        return torch.from_numpy(np.zeros(HIST_BINS, dtype=np.int64))
+    return torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
 
 
 def _histogram_pass(
@@ -81,27 +92,28 @@ def global_topk(
     if not sources:
         raise ValueError("nothing to select from: no eligible parameter has importance scores")
     device = sources[0].sum_g2.device
-    hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+    hist = _new_hist(device)
     _histogram_pass(sources, method, eps, hist, HIST_BITS, 0)
     if reduce_hist is not None:
         reduce_hist(hist)
-    n_total = int(hist.sum().item())
+    h = hist.cpu().numpy()
+    n_total = int(h.sum())
     if not 1 <= k <= n_total:
         raise ValueError(f"k={k} must be in [1, {n_total}] (the number of eligible entries)")
-    n_bad = int(hist[BAD_SCORE_BIN:].sum().item())
+    n_bad = int(h[BAD_SCORE_BIN:].sum())
     if n_bad:
         raise FloatingPointError(
             f"{n_bad} importance scores are NaN, infinite or negative: the gradients "
             "collected contained NaN/Inf. Check the loss of the calibration batches "
             "(or lower the learning rate / use fp32) and collect again."
         )
-    top, above = _find_bin(hist, k)
+    top, above = _find_bin(h, k)
 
-    hist.zero_()
+    hist = _new_hist(device)
     _histogram_pass(sources, method, eps, hist, 0, top)
     if reduce_hist is not None:
         reduce_hist(hist)
-    low, above2 = _find_bin(hist, k - above)
+    low, above2 = _find_bin(hist.cpu().numpy(), k - above)
     thr = (top << HIST_BITS) | low
     take_eq = k - above - above2  # how many threshold-equal scores to keep, globally
     quota = _tie_quota(sources, method, eps, thr, take_eq, int(hist[low].item()), share_ties)

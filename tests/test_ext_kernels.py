@@ -349,3 +349,29 @@ def test_unsupported_inputs_fall_back_to_reference(seed):
     BE.accumulate_(grad, None, s2)
     ref.accumulate_(grad, None, r2)
     assert torch.equal(s2, r2)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_counts(seed, threads):
+    """Serial path (1 thread) and more threads than cores: same results as the reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s1, s2 = _sums(seed, 140001, torch.float32)
+        grad = torch.randn(140001, generator=_gen(seed + 1))
+        r1, r2 = s1.clone(), s2.clone()
+        BE.accumulate_(grad, s1, s2)
+        ref.accumulate_(grad, r1, r2)
+        assert_same(s2, r2)
+        assert torch.equal(s1, r1)
+        sc = ref.score(s1, s2, "piece-s", 1.0)
+        h, r = torch.zeros(HIST_BINS, dtype=torch.int64), torch.zeros(HIST_BINS, dtype=torch.int64)
+        BE.score_histogram_(s1, s2, "piece-s", 1.0, h, 16, 0)
+        ref.histogram_(sc, r, 16, 0)
+        assert torch.equal(h, r)
+        thr = int(sc.view(torch.int32).kthvalue(140001 - 500).values)
+        idx, n_eq = BE.score_compact(s1, s2, "piece-s", 1.0, thr, 1, torch.int32)
+        e_idx, e_eq = ref.compact(sc, thr, 1, torch.int32)
+        assert torch.equal(idx, e_idx) and n_eq == e_eq
+    finally:
+        torch.set_num_threads(before)

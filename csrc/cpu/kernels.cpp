@@ -1,7 +1,7 @@
-// CPU kernels: one parallel region per pass (at::parallel_for over a few large chunks, one
-// per thread), per-thread histograms merged once, scores computed on the fly and never
+// CPU kernels: one parallel job per pass over all tensors (a work-claiming pool, see Pool),
+// per-thread histograms merged once per thread, scores computed on the fly and never
 // stored.  A previous version with many small OpenMP regions per call spent its time in
-// thread wake-ups (0.7x torch with libgomp's default spin policy on 2 shared cores).
+// thread wake-ups and join barriers (0.7x torch on 2 shared cores).
 //
 // The loop bodies live in kernels_impl.inc, compiled twice: plain x86-64 and with
 // AVX2+FMA+F16C (selected at run time with __builtin_cpu_supports), so a default build runs
@@ -14,7 +14,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
 #include <mutex>
+#include <thread>
 
 namespace piece_optim::cpu {
 namespace {
@@ -32,22 +36,131 @@ template <class C>
 using HistFn = int64_t (*)(const ScoreSrc&, int64_t, int64_t, C*, int, uint64_t, int64_t,
                            std::vector<int64_t>*, int64_t);
 
+// A work-claiming thread pool.  Chunks are claimed from one atomic counter tagged with the
+// job's generation, and the caller returns as soon as every claimed chunk is done: a worker
+// the OS has not scheduled yet finds nothing left and goes back to sleep.  OpenMP's
+// fork/join (at::parallel_for) instead waits at the join barrier for every thread to
+// arrive; on a loaded machine (CI: 2 shared cores) that cost up to a scheduler time slice,
+// ~20 ms measured, per parallel region: more than the work itself at N = 20M.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: its threads sleep until exit
+    return *pool;
+  }
+
+  void run(int64_t nch, int threads, const std::function<void(int64_t)>& fn,
+           const std::function<void()>& finish) {
+    std::lock_guard<std::mutex> one_job(run_mu_);
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      while (int(workers_.size()) < threads - 1) {
+        workers_.emplace_back([this] { worker(); });
+        workers_.back().detach();
+      }
+      gen = ++gen_;
+      fn_ = &fn;
+      finish_ = &finish;
+      nch_ = nch;
+      claim_.store((gen & kGenMask) << kGenShift, std::memory_order_release);
+    }
+    for (int i = 0; i < threads - 1; ++i) cv_.notify_one();
+    participate(gen, nch, &fn, &finish);
+    // wait only for chunks in flight; a worker that never started is not waited for
+    for (int spin = 0; busy_.load(std::memory_order_acquire) != 0; ++spin) {
+      if (spin > 256) std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int kGenShift = 40;
+  static constexpr uint64_t kGenMask = (uint64_t(1) << 24) - 1;
+  static constexpr uint64_t kIdxMask = (uint64_t(1) << kGenShift) - 1;
+
+  bool claim(uint64_t gen, int64_t nch, int64_t* c) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((v >> kGenShift) != (gen & kGenMask) || int64_t(v & kIdxMask) >= nch) return false;
+      if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+        *c = int64_t(v & kIdxMask);
+        return true;
+      }
+    }
+  }
+
+  void participate(uint64_t gen, int64_t nch, const std::function<void(int64_t)>* fn,
+                   const std::function<void()>* finish) {
+    busy_.fetch_add(1, std::memory_order_acq_rel);
+    bool any = false;
+    int64_t c;
+    while (claim(gen, nch, &c)) {
+      (*fn)(c);
+      any = true;
+    }
+    if (any) (*finish)();
+    busy_.fetch_sub(1, std::memory_order_acq_rel);
+  }
+
+  void worker() {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t gen;
+      int64_t nch;
+      const std::function<void(int64_t)>* fn;
+      const std::function<void()>* finish;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_ != seen; });
+        seen = gen = gen_;
+        nch = nch_;
+        fn = fn_;
+        finish = finish_;
+      }
+      participate(gen, nch, fn, finish);
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::vector<std::thread> workers_;
+  uint64_t gen_ = 0;
+  int64_t nch_ = 0;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  const std::function<void()>* finish_ = nullptr;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int> busy_{0};
+};
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// Chunks of at least min_chunk elements, up to 32 per thread so a late thread's share is
+// picked up by the others.
 int64_t num_chunks(int64_t n, int64_t min_chunk) {
-  const int64_t t = std::max<int64_t>(1, at::get_num_threads());
-  return std::max<int64_t>(1, std::min<int64_t>(t, n / min_chunk));
+  const int64_t t = num_threads();
+  if (t == 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(32 * t, n / min_chunk));
 }
 
-// fn(chunk, lo, hi) for nch equal chunks of [0, n), in ONE parallel region.
-template <class F>
-void run_chunks(int64_t n, int64_t nch, const F& fn) {
+// fn(chunk, lo, hi) for nch equal chunks of [0, n) in ONE pool job; finish() once per
+// participating thread, after its last chunk.
+template <class F, class G>
+void run_chunks(int64_t n, int64_t nch, const F& fn, const G& finish) {
   auto body = [&](int64_t c) { fn(c, n * c / nch, n * (c + 1) / nch); };
-  if (nch == 1) {
-    body(0);
+  const int t = num_threads();
+  if (nch == 1 || t == 1) {
+    for (int64_t c = 0; c < nch; ++c) body(c);
+    finish();
     return;
   }
-  at::parallel_for(0, nch, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) body(c);
-  });
+  const std::function<void(int64_t)> f = body;
+  const std::function<void()> fin = finish;
+  Pool::get().run(nch, int(std::min<int64_t>(t, nch)), f, fin);
+}
+
+template <class F>
+void run_chunks(int64_t n, int64_t nch, const F& fn) {
+  run_chunks(n, nch, fn, [] {});
 }
 
 // torch's CPU sqrt goes through MKL's VML (vmsSqrt, accurate to 1 ulp but not correctly
@@ -65,8 +178,13 @@ void block_sqrt(float* x, int64_t n) {
   }
 }
 
-std::vector<uint32_t>& tls_hist() {
-  thread_local std::vector<uint32_t> h(kBins);
+// Per-thread uint32 histogram; all zero between jobs (finish() merges and clears it).
+struct TlsHist {
+  std::vector<uint32_t> h = std::vector<uint32_t>(kBins, 0u);
+  int64_t count = 0;  // elements counted since the last merge (kept < 2**31: no wrap)
+};
+TlsHist& tls_hist() {
+  thread_local TlsHist h;
   return h;
 }
 
@@ -208,21 +326,25 @@ void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int
   std::vector<std::vector<int64_t>> parts(want ? nch : 0);  // global indices, sorted
   std::vector<int64_t> seen(nch, 0);
   std::mutex mu;
-  run_chunks(total, nch, [&](int64_t c, int64_t lo, int64_t hi) {
-    std::vector<uint32_t>& local = tls_hist();
-    std::fill(local.begin(), local.end(), 0u);
-    // uint32 counts: merge every 2**31 elements so they never wrap
-    for (int64_t b = lo; b < hi; b += (int64_t(1) << 31)) {
-      const int64_t e = std::min<int64_t>(hi, b + (int64_t(1) << 31));
-      for_segments(off, b, e, [&](size_t i, int64_t x, int64_t y) {
-        seen[c] += f32[i](items[i], x, y, local.data(), shift, pre, cap_total,
-                          want ? &parts[c] : nullptr, off[i]);
-      });
-      std::lock_guard<std::mutex> g(mu);
-      for (int j = 0; j < kBins; ++j) hist[j] += local[j];
-      if (e < hi) std::fill(local.begin(), local.end(), 0u);
-    }
-  });
+  auto merge = [&] {
+    TlsHist& local = tls_hist();
+    std::lock_guard<std::mutex> g(mu);
+    for (int j = 0; j < kBins; ++j) hist[j] += local.h[j];
+    std::fill(local.h.begin(), local.h.end(), 0u);
+    local.count = 0;
+  };
+  run_chunks(
+      total, nch,
+      [&](int64_t c, int64_t lo, int64_t hi) {
+        TlsHist& local = tls_hist();
+        if (local.count + (hi - lo) >= (int64_t(1) << 31)) merge();
+        local.count += hi - lo;
+        for_segments(off, lo, hi, [&](size_t i, int64_t x, int64_t y) {
+          seen[c] += f32[i](items[i], x, y, local.h.data(), shift, pre, cap_total,
+                            want ? &parts[c] : nullptr, off[i]);
+        });
+      },
+      merge);
   if (!want) return;
   int64_t all_seen = 0;
   for (int64_t x : seen) all_seen += x;
@@ -281,9 +403,7 @@ void compact_write(const CompactPlan& plan, int64_t take_eq, void* out, bool idx
   if (pos[nch] < kMinChunk || nch == 1) {
     for (size_t c = 0; c < nch; ++c) write(int64_t(c));
   } else {
-    at::parallel_for(0, int64_t(nch), 1, [&](int64_t b, int64_t e) {
-      for (int64_t c = b; c < e; ++c) write(c);
-    });
+    run_chunks(int64_t(nch), int64_t(nch), [&](int64_t c, int64_t, int64_t) { write(c); });
   }
 }
 
