@@ -206,24 +206,31 @@ def mask_overlap(n_batches: int) -> dict:
     """Overlap of the top-0.1% PIECE-S masks with bf16 vs fp32 accumulators, same batches.
 
     bf16 with stochastic rounding (the default) and with round-to-nearest (the backend's
-    plain bf16 store), both against fp32.  Each estimator sees the same batches.
+    plain bf16 store), both against fp32.  All three fold the same gradients (one
+    backward per batch, ``collect()`` into each), so only the accumulation differs.
     """
     import torch
 
     import piece_optim as po
 
     model = build_model()
-    masks = {}
+    ests = {}
     for label, dt, stochastic in (("fp32", torch.float32, True),
                                   ("bf16_sr", torch.bfloat16, True),
                                   ("bf16_rne", torch.bfloat16, False)):  # fmt: skip
-        with po.ImportanceEstimator(model, method="piece-s", in_backward=True,
-                                    accum_dtype=dt) as est:  # fmt: skip
-            est._bf16_stochastic = stochastic
-            for i in range(n_batches):
-                x = _batch(i)
-                model(input_ids=x, labels=x).loss.backward()
-            masks[label] = est.select(ratio=RATIO)
+        ests[label] = po.ImportanceEstimator(model, method="piece-s", accum_dtype=dt)
+        ests[label]._bf16_stochastic = stochastic
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i in range(n_batches):  # one backward per batch, folded into all three estimators
+        x = _batch(i)
+        model(input_ids=x, labels=x).loss.backward()
+        grads = [p.grad for p in params]
+        for est in ests.values():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            est.collect()
+        print(f"overlap: batch {i + 1}/{n_batches}", file=sys.stderr, flush=True)
+    masks = {label: est.select(ratio=RATIO) for label, est in ests.items()}
     return dict(phase="overlap_bf16_vs_fp32", batches=n_batches, k=masks["fp32"].numel_selected(),
                 overlap=_overlap(masks["fp32"], masks["bf16_sr"]),
                 overlap_round_nearest=_overlap(masks["fp32"], masks["bf16_rne"]))  # fmt: skip
@@ -264,11 +271,8 @@ def run(quick: bool = False) -> list[dict]:
 
     steps = 2 if quick else 4
     rows = []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        def tqdm(x, **_):  # noqa: E306
-            return x
+    from tqdm import tqdm
+
     for phase in tqdm(PHASES, desc="memory phases"):
         rows.append(_spawn(["--worker", phase, "--steps", str(steps)]))
     adamw = rows[0]["peak_growth_mib"]

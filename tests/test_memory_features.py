@@ -359,7 +359,7 @@ def test_chunked_select_equals_unchunked(seed, monkeypatch):
     for s2 in est._sum_g2.values():  # coarse values: many ties across chunk borders
         s2.copy_((s2 / s2.max() * 8).round())
     whole = est.select(ratio=0.1)
-    monkeypatch.setattr(imp, "_SELECT_CHUNK", 7)
+    monkeypatch.setattr(imp, "_SELECT_CHUNK", 97)
     chunked = est.select(ratio=0.1)
     assert chunked == whole
     assert chunked.numel_selected() == whole.numel_selected() == int(0.1 * est._numel_total)
