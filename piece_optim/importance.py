@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -166,7 +167,7 @@ class ImportanceEstimator:
             )
         with torch.no_grad():
             for backend, g, s1, s2 in by_backend.values():
-                backend.accumulate_many_(g, s1, s2)
+                self._fold_many(backend, g, s1, s2)
         for p in self._params.values():
             p.grad = None
         for p in self._others:
@@ -178,10 +179,11 @@ class ImportanceEstimator:
             def hook(p: Tensor) -> None:
                 if p.grad is None:
                     return
+                _check_not_reentrant_checkpoint()
                 self._note_term(name)
                 s1, s2 = self._accumulators(name, p)
                 with torch.no_grad():
-                    self._backend_for(p).accumulate_(p.grad, s1, s2)
+                    self._fold_many(self._backend_for(p), [p.grad], [s1], [s2])
                 p.grad = None
 
             return hook
@@ -272,11 +274,42 @@ class ImportanceEstimator:
                 "or the exclusions"
             )
         with torch.no_grad():
-            idxs = global_topk(
-                [s for _, s in sources], k, self.method, self.eps, **topk_hooks(self._group)
-            )
+            hooks = topk_hooks(self._group)
+            if hooks:  # FSDP2: ranks' shards differ in size, so pieces must match tensors
+                idxs = global_topk([s for _, s in sources], k, self.method, self.eps, **hooks)
+            else:
+                idxs = _chunked_topk([s for _, s in sources], k, self.method, self.eps)
         indices = {name: idx for (name, _), idx in zip(sources, idxs, strict=True) if idx.numel()}
         return SparseMask(indices, {n: self._shapes[n] for n in indices}, self._numel_total)
+
+    # -- memory: bf16 accumulation with stochastic rounding ---------------------------------
+    _bf16_stochastic = True  # False: the backend's round-to-nearest (benchmarks compare)
+
+    def _fold_many(
+        self,
+        backend: Backend,
+        grads: Sequence[Tensor],
+        sum_gs: Sequence[Tensor | None],
+        sum_g2s: Sequence[Tensor],
+    ) -> None:
+        """Fold one term; fp32 accumulators go to the backend, bf16 ones are rounded
+        stochastically here (see :func:`accumulate_bf16_sr_`)."""
+        if self.accum_dtype != torch.bfloat16 or not self._bf16_stochastic:
+            backend.accumulate_many_(grads, sum_gs, sum_g2s)
+            return
+        for g, s1, s2 in zip(grads, sum_gs, sum_g2s, strict=True):
+            gen = self._sr_generators.get(g.device)
+            if gen is None:
+                gen = self._sr_generators[g.device] = torch.Generator(g.device)
+                gen.manual_seed(_SR_SEED)
+            accumulate_bf16_sr_(g, s1, s2, gen)
+
+    @property
+    def _sr_generators(self) -> dict[torch.device, torch.Generator]:
+        gens = self.__dict__.get("_sr_gens")
+        if gens is None:
+            gens = self.__dict__["_sr_gens"] = {}
+        return gens
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -316,3 +349,110 @@ def _sharding_checked(model: nn.Module, params: list[nn.Parameter], in_backward:
             "collect() after each backward()"
         )
     return group
+
+
+# -- memory helpers (bf16 accumulators, reentrant checkpointing, chunked selection) --------
+_SR_SEED = 0x5EED  # fixed: the same gradients give the same bf16 sums, hence the same mask
+_SR_CHUNK = 1 << 18  # 256K entries: fp32 temporaries of ~3 MiB instead of a whole tensor
+_SELECT_CHUNK = 1 << 20  # entries per score source in select(): bounds the histogram temps
+
+
+def accumulate_bf16_sr_(
+    grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor, generator: torch.Generator
+) -> None:
+    """``sum_g += g``, ``sum_g2 += g*g`` into bf16 sums, fp32 math, stochastic rounding.
+
+    Why: with round-to-nearest a bf16 sum stops growing once a term is below half an ulp
+    of it (2**-9 of the sum): over hundreds of calibration batches sum g^2 of an entry
+    with one large early term then ignores every later one, a bias that moves entries
+    across the top-k threshold.  Stochastic rounding (add 16 random low bits to the fp32
+    result, then truncate to bf16) is unbiased: each sum's expected value is the exact
+    fp32 sum, at the cost of a little variance, and needs no extra storage (Kahan
+    compensation would need a second bf16 buffer, i.e. fp32's memory).  The random bits
+    come from a fixed-seed generator, so the same gradients give the same mask.  Work is
+    done in chunks of ``_SR_CHUNK`` entries so the fp32 temporaries stay small.
+    """
+    g_all = grad.reshape(-1)
+    n = g_all.numel()
+    for start in range(0, n, _SR_CHUNK):
+        stop = min(start + _SR_CHUNK, n)
+        g = g_all[start:stop].float()
+        if sum_g is not None:
+            _sr_store_(sum_g[start:stop], sum_g[start:stop].float().add_(g), generator)
+        _sr_store_(sum_g2[start:stop], sum_g2[start:stop].float().addcmul_(g, g), generator)
+
+
+def _sr_store_(dst: Tensor, x: Tensor, generator: torch.Generator) -> None:
+    """Round fp32 ``x`` to bf16 stochastically and write it into ``dst``.
+
+    Adding a uniform 16-bit integer to the fp32 bit pattern and clearing the low 16 bits
+    rounds the magnitude up with probability (dropped bits) / 2**16, for either sign.
+    Inf stays inf (its low bits are zero); NaN stays NaN.
+    """
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)  # fmt: skip
+    bits.add_(noise).bitwise_and_(-65536)
+    dst.copy_(bits.view(torch.float32))  # exact: the value has bf16 precision
+
+
+def _check_not_reentrant_checkpoint() -> None:
+    """Raise if this in_backward hook runs inside a reentrant checkpoint's backward.
+
+    ``torch.utils.checkpoint(use_reentrant=True)`` recomputes a segment and runs a nested
+    backward for it, so a parameter used both inside and outside that segment (tied
+    embeddings, a block applied twice) gets two post-accumulate-grad hook calls in one
+    ``backward()``: its term would be split in two, counting g1^2 + g2^2 instead of
+    (g1 + g2)^2 and starting a spurious new term.  The non-reentrant checkpoint has one
+    backward and is exact.  Checked by looking for the checkpoint's backward frame (a few
+    frames up the stack, cheap next to the accumulation).
+    """
+    f = sys._getframe(1)
+    for _ in range(64):
+        if f is None:
+            return
+        code = f.f_code
+        if code.co_name == "backward" and code.co_filename.replace("\\", "/").endswith(
+            "torch/utils/checkpoint.py"
+        ):
+            raise RuntimeError(
+                "ImportanceEstimator(in_backward=True) cannot run under reentrant activation "
+                "checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): its nested "
+                "backward splits a gradient term in two.  Use use_reentrant=False (HF: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})), or in_backward=False with collect()"
+            )
+        f = f.f_back
+
+
+def _chunked_topk(sources: list[ScoreSource], k: int, method: str, eps: float) -> list[Tensor]:
+    """:func:`global_topk` over sources split into chunks of ``_SELECT_CHUNK`` entries.
+
+    Why: a backend's histogram pass may build temporaries proportional to the tensor it
+    scores (the pure-torch one: ~40 B per entry), so one 6M-entry lm_head alone added
+    ~170 MiB to the estimation peak.  Chunks keep the global order (tensor, then flat
+    index), so ties and the result are unchanged; indices are shifted back per tensor.
+    """
+    pieces: list[ScoreSource] = []
+    owners: list[tuple[int, int]] = []  # (source number, offset)
+    for i, s in enumerate(sources):
+        if s.numel <= _SELECT_CHUNK:
+            pieces.append(s)
+            owners.append((i, 0))
+            continue
+        for start in range(0, s.numel, _SELECT_CHUNK):
+            stop = min(start + _SELECT_CHUNK, s.numel)
+            pieces.append(ScoreSource(None if s.sum_g is None else s.sum_g[start:stop],
+                                      s.sum_g2[start:stop], stop - start, s.index_dtype,
+                                      s.backend))  # fmt: skip
+            owners.append((i, start))
+    idxs = global_topk(pieces, k, method, eps)
+    parts: list[list[Tensor]] = [[] for _ in sources]
+    for (i, start), idx in zip(owners, idxs, strict=True):
+        if idx.numel():
+            parts[i].append(idx.to(sources[i].index_dtype) + start if start else idx)
+    return [
+        torch.cat(p) if len(p) > 1 else p[0] if p else
+        torch.empty(0, dtype=s.index_dtype, device=s.sum_g2.device)
+        for p, s in zip(parts, sources, strict=True)
+    ]  # fmt: skip

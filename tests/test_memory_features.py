@@ -267,3 +267,99 @@ def test_sparse_grads_bf16_params_accumulate_in_fp32(seed):
     for h in handles:
         h.remove()
     opt.close()
+
+
+# -- importance: bf16 accumulators, reentrant checkpointing, chunked selection ------------
+def test_bf16_stochastic_rounding_is_unbiased_where_nearest_stalls(seed):
+    """Terms below half an ulp of the sum: round-to-nearest drops them all, SR does not."""
+    from piece_optim import _reference as ref
+    from piece_optim.importance import accumulate_bf16_sr_
+
+    g = torch.Generator().manual_seed(seed)
+    n, terms = 4099, 300
+    start = 1.0 + 0.5 * torch.rand(n, generator=g)  # stays in [1, 2): bf16 ulp 2**-7
+    sr_g = start.to(torch.bfloat16)
+    sr_g2 = start.to(torch.bfloat16)
+    rne_g2 = start.to(torch.bfloat16)
+    exact_g = sr_g.double().clone()
+    exact_g2 = sr_g2.double().clone()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(terms):
+        t = (torch.rand(n, generator=g) * 2 - 1) * 2**-10  # |t| < 2**-10
+        t2 = (torch.rand(n, generator=g) * 0.5 + 0.5) * 2**-5  # t2*t2 < 2**-10 < half ulp
+        accumulate_bf16_sr_(t, sr_g, torch.zeros(n, dtype=torch.bfloat16), gen)
+        accumulate_bf16_sr_(t2, None, sr_g2, gen)
+        ref.accumulate_(t2, None, rne_g2)
+        exact_g += t.double()
+        exact_g2 += t2.double() ** 2
+    assert torch.equal(rne_g2, start.to(torch.bfloat16))  # nearest: every term lost
+    # SR: unbiased, so the mean error over n entries is tiny next to one ulp (2**-7) ...
+    bias = float((sr_g2.double() - exact_g2).mean() / exact_g2.mean())
+    assert abs(bias) < 2e-3, bias
+    assert abs(float((sr_g.double() - exact_g).mean())) < 2**-8
+    # ... and each entry's error is a random walk, far below what nearest loses (all of it)
+    sr_err = float((sr_g2.double() - exact_g2).abs().mean())
+    rne_err = float((rne_g2.double() - exact_g2).abs().mean())
+    assert sr_err < 0.35 * rne_err, (sr_err, rne_err)
+
+
+def test_bf16_accumulators_deterministic_and_close(seed):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    models = [model, copy.deepcopy(model), copy.deepcopy(model)]
+    dts = (torch.bfloat16, torch.bfloat16, torch.float32)
+    ests = [po.ImportanceEstimator(m, method="piece-s", accum_dtype=dt)
+            for m, dt in zip(models, dts, strict=True)]  # fmt: skip
+    for x, y in batches(5, seed + 2):
+        for m, est in zip(models, ests, strict=True):
+            m.loss(x, y).backward()
+            est.collect()
+    a, b = ests[0]._sum_g2, ests[1]._sum_g2  # same gradients, fixed seed: same bits
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert ests[0].select(ratio=0.05) == ests[1].select(ratio=0.05)
+    for n, s2 in ests[2]._sum_g2.items():
+        # sum g^2 has no cancellation: each of 5 stochastic adds errs by < 1 bf16 ulp
+        # (<= 2**-7 relative) of a partial sum <= the final one
+        torch.testing.assert_close(a[n].float(), s2, rtol=5 * 2**-7, atol=1e-30)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_in_backward_with_activation_checkpointing(seed, reentrant):
+    torch.manual_seed(seed)
+    model = _Blocks()
+    twin = copy.deepcopy(model)
+    twin.ckpt = reentrant
+    a = po.ImportanceEstimator(model, method="piece-s", exclude=())
+    b = po.ImportanceEstimator(twin, method="piece-s", exclude=(), in_backward=True)
+    data = batches(3, seed + 4, vocab=19)
+    for x, y in data:
+        model.loss(x, y).backward()
+        a.collect()
+    if reentrant:
+        x, y = data[0]
+        with pytest.raises(RuntimeError, match="use_reentrant=False"):
+            twin.loss(x, y).backward()
+        return
+    for x, y in data:
+        twin.loss(x, y).backward()
+    assert b.num_terms == a.num_terms == 3
+    for n, s in a.scores().items():
+        torch.testing.assert_close(b.scores()[n], s, rtol=1e-5, atol=1e-9)
+
+
+def test_chunked_select_equals_unchunked(seed, monkeypatch):
+    import piece_optim.importance as imp
+
+    torch.manual_seed(seed)
+    model = TinyNet()
+    est = po.ImportanceEstimator(model, method="piece-f")
+    for x, y in batches(2, seed + 6):
+        model.loss(x, y).backward()
+        est.collect()
+    for s2 in est._sum_g2.values():  # coarse values: many ties across chunk borders
+        s2.copy_((s2 / s2.max() * 8).round())
+    whole = est.select(ratio=0.1)
+    monkeypatch.setattr(imp, "_SELECT_CHUNK", 97)
+    chunked = est.select(ratio=0.1)
+    assert chunked == whole
+    assert chunked.numel_selected() == whole.numel_selected() == int(0.1 * est._numel_total)
