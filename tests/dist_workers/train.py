@@ -264,11 +264,13 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
     model2 = shard(make_model(seed + 1))
     mask2 = po.SparseMask.load(os.path.join(ckpt, f"mask_rank{dist.get_rank()}.safetensors"))
     check(mask2 == mask, "fsdp: mask file round trip")
-    opt2 = po.SparseAdamW(model2.parameters(), mask=mask2.bind(model2), **HP)  # unnamed
+    # unnamed params (mask.bind), and a wrong lr that the checkpoint must overwrite
+    opt2 = po.SparseAdamW(model2.parameters(), mask=mask2.bind(model2), **{**HP, "lr": 0.5})
     sd = {"model": model2.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt2, model2)}
     dcp.load(sd, checkpoint_id=ckpt)
     model2.load_state_dict(sd["model"])
     pd.load_sharded_optimizer_state_dict(opt2, model2, sd["optim"])
+    check(opt2.param_groups[0]["lr"] == HP["lr"], "fsdp: DCP did not restore param_groups")
     train(model2, opt2, data[SAVE_AT:], split=True)
     resumed = full_weights(model2)
     check(all(torch.equal(resumed[n], final[n]) for n in final),
