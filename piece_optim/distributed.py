@@ -98,6 +98,24 @@ def sharded_group(params: Sequence[Tensor]) -> Any | None:
     return group
 
 
+def estimator_group(model: nn.Module, params: Sequence[Tensor], in_backward: bool) -> Any | None:
+    """The FSDP2 group an ImportanceEstimator's params are sharded over (None if not).
+
+    ``in_backward=True`` folds each gradient when autograd accumulates it, which is
+    before DDP averages it across ranks (measured: the ranks' masks then differ), and
+    FSDP2 writes its reduced gradient shards outside autograd: both would score the wrong
+    gradients, so both are refused.
+    """
+    group = sharded_group(params)
+    if in_backward and (group is not None or is_ddp(model)):
+        raise NotImplementedError(
+            "in_backward=True is not supported under DDP or FSDP2: the hooks would fold "
+            "gradients before they are reduced across ranks. Use in_backward=False and "
+            "collect() after each backward()"
+        )
+    return group
+
+
 def topk_hooks(group: Any | None) -> dict[str, Callable]:
     """``reduce_hist`` / ``share_ties`` for :func:`piece_optim._select.global_topk`.
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ._backends import Backend, get_backend, validate_backend_name
 from ._reference import index_dtype_for
 from ._select import ScoreSource, global_topk
-from .distributed import is_ddp, local_tensor, sharded_group, topk_hooks
+from .distributed import estimator_group, local_tensor, topk_hooks
 from .mask import SparseMask
 
 METHODS = {"piece-f": "piece-f", "fisher": "piece-f", "piece-s": "piece-s",
@@ -105,7 +105,7 @@ class ImportanceEstimator:
                 "no parameter is eligible for selection: all are frozen, empty or excluded "
                 f"(exclude={self.exclude!r})"
             )
-        self._group = _sharding_checked(model, list(self._params.values()), self.in_backward)
+        self._group = estimator_group(model, list(self._params.values()), self.in_backward)
         self._sum_g: dict[str, Tensor | None] = {}
         self._sum_g2: dict[str, Tensor] = {}
         self._terms = 0
@@ -332,23 +332,6 @@ class ImportanceEstimator:
         n = sum(t.numel() * t.element_size() for t in self._sum_g2.values())
         n += sum(t.numel() * t.element_size() for t in self._sum_g.values() if t is not None)
         return n
-
-
-def _sharding_checked(model: nn.Module, params: list[nn.Parameter], in_backward: bool):
-    """The FSDP2 process group of the params (None if not sharded); validates the mode.
-
-    ``in_backward=True`` folds each gradient when autograd accumulates it, which is
-    before DDP averages it across ranks, and FSDP2 writes its reduced gradient shards
-    outside autograd: both would score the wrong gradients, so both are refused.
-    """
-    group = sharded_group(params)
-    if in_backward and (group is not None or is_ddp(model)):
-        raise NotImplementedError(
-            "in_backward=True is not supported under DDP or FSDP2: the hooks would fold "
-            "gradients before they are reduced across ranks. Use in_backward=False and "
-            "collect() after each backward()"
-        )
-    return group
 
 
 # -- memory helpers (bf16 accumulators, reentrant checkpointing, chunked selection) --------

@@ -52,6 +52,12 @@ def test_fsdp2_matches_one_process(dist_run: dict) -> None:
     assert dist_run["fsdp_mid_rel_diff"] < 1e-4
 
 
+def test_fsdp2_llama_matches_one_process(dist_run: dict) -> None:
+    pytest.importorskip("transformers")
+    assert dist_run["llama_k"] > 0
+    assert dist_run["llama_fsdp_max_rel_diff"] < 1e-4
+
+
 def test_ddp_matches_one_process(dist_run: dict) -> None:
     assert dist_run["ddp_max_rel_diff"] < 1e-4
 

@@ -16,10 +16,13 @@ Scenarios
   mask (exactly k).  After step 3 a DCP checkpoint is saved; a fresh model + optimizer
   loaded from it (unnamed params, ``mask.bind``) continue steps 4-6 bit for bit.
 * ``fsdp_dense``: ``mask=None`` under FSDP2 equals ``torch.optim.AdamW`` on FSDP2.
+* ``fsdp_llama`` (when transformers is installed): a tiny LlamaForCausalLM with one
+  fully_shard per decoder layer: estimate, select, 6 steps == one process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -261,11 +264,13 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
     model2 = shard(make_model(seed + 1))
     mask2 = po.SparseMask.load(os.path.join(ckpt, f"mask_rank{dist.get_rank()}.safetensors"))
     check(mask2 == mask, "fsdp: mask file round trip")
-    opt2 = po.SparseAdamW(model2.parameters(), mask=mask2.bind(model2), **HP)  # unnamed
+    # unnamed params (mask.bind), and a wrong lr that the checkpoint must overwrite
+    opt2 = po.SparseAdamW(model2.parameters(), mask=mask2.bind(model2), **{**HP, "lr": 0.5})
     sd = {"model": model2.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt2, model2)}
     dcp.load(sd, checkpoint_id=ckpt)
     model2.load_state_dict(sd["model"])
     pd.load_sharded_optimizer_state_dict(opt2, model2, sd["optim"])
+    check(opt2.param_groups[0]["lr"] == HP["lr"], "fsdp: DCP did not restore param_groups")
     train(model2, opt2, data[SAVE_AT:], split=True)
     resumed = full_weights(model2)
     check(all(torch.equal(resumed[n], final[n]) for n in final),
@@ -290,6 +295,57 @@ def scenario_fsdp_dense(seed: int, data) -> dict:
     return {"fsdp_dense_max_abs_diff": d}
 
 
+def scenario_fsdp_llama(seed: int) -> dict:
+    """A tiny LlamaForCausalLM, one fully_shard per decoder layer: FSDP2 == one process."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=67, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed + 21)
+    ids = [torch.randint(0, 67, (4, 9), generator=g) for _ in range(N_CALIB + N_STEPS)]
+
+    def make() -> nn.Module:
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(cfg).float()
+
+    def run(model: nn.Module, split: bool) -> po.SparseMask:
+        est = po.ImportanceEstimator(model)
+        for x in ids[:N_CALIB]:
+            x = local_rows(x) if split else x
+            model(input_ids=x, labels=x).loss.backward()
+            est.collect()
+        mask = est.select(ratio=RATIO)
+        est.close()
+        opt = po.SparseAdamW(model.named_parameters(), mask=mask, **HP)
+        for x in ids[N_CALIB:]:
+            x = local_rows(x) if split else x
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return mask
+
+    ref_model = make()
+    start = full_weights(ref_model)
+    ref_mask = run(ref_model, split=False)
+    from torch.distributed.fsdp import fully_shard
+
+    model = make()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    mask = run(model, split=True)
+    check(pd.numel_selected_global(mask) == ref_mask.numel_selected(), "llama: k differs")
+    gm = global_mask_of(mask, model)
+    check(list(gm) == ref_mask.names(), "llama: FSDP2 mask names differ from one process")
+    check(all(torch.equal(gm[n], ref_mask[n].long()) for n in gm), "llama: FSDP2 mask differs")
+    w, u = rel_diffs(full_weights(model), full_weights(ref_model), start)
+    check(w < 1e-4, f"llama: FSDP2 weights differ from one process by {w:.3g}")
+    return {"llama_fsdp_max_rel_diff": w, "llama_fsdp_max_update_rel_diff": u,
+            "llama_k": ref_mask.numel_selected()}  # fmt: skip
+
+
 def main() -> None:
     out, seed = sys.argv[1], int(sys.argv[2])
     dist.init_process_group("gloo")
@@ -307,6 +363,9 @@ def main() -> None:
     res.update(scenario_fsdp(seed, calib, data, ref, ckpt))
     log("fsdp ok")
     res.update(scenario_fsdp_dense(seed, data))
+    if importlib.util.find_spec("transformers") is not None:
+        res.update(scenario_fsdp_llama(seed))
+        log("llama ok")
     local_k = [None, None]
     dist.all_gather_object(local_k, res["fsdp_local_k"])
     res["fsdp_local_k"] = local_k
