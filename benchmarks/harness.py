@@ -297,6 +297,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
     """Append ``rows`` to the CSV at ``path`` atomically; write the header if it is new.
 
@@ -336,6 +344,7 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> i
                 old = header
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
             try:
+                os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep a CSV's usual mode
                 with os.fdopen(fd, "w") as f:
                     f.write(old + buf.getvalue())
                     f.flush()

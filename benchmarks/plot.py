@@ -90,8 +90,13 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
     if micro:
         ratio = _plot_ratio(micro)
         names = [b for b in MICRO if any(r["benchmark"] == b for r in micro)]
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
-        for ax, bench in zip(axes[0], names, strict=True):
+        ncols = min(3, len(names))
+        nrows = -(-len(names) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows),
+                                 squeeze=False)  # fmt: skip
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for ax, bench in zip(axes.flat, names, strict=False):  # more axes than panels
             sel = [r for r in micro if r["benchmark"] == bench and r["ratio"] in ("", ratio)]
             lines: dict[tuple[str, str], dict[int, float]] = {}
             for r in sel:

@@ -139,6 +139,9 @@ def test_append_rows_header_once_and_roundtrip(tmp_path: Path, seed: int) -> Non
         assert int(got["n"]) == src["n"]
         assert float(got["time_ms"]) == pytest.approx(src["time_ms"], rel=CSV_RTOL)
     assert not list(path.parent.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_append_rows_refuses_bad_header_and_columns(tmp_path: Path) -> None:
