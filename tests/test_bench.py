@@ -191,6 +191,7 @@ def test_append_rows_concurrent_writers_never_interleave(tmp_path: Path) -> None
     header, rows = _rows(path)
     assert header == list(harness.COLUMNS)
     assert len(rows) == 4 * 10 * 2
+    assert [f.name for f in tmp_path.iterdir()] == ["bench.csv"]  # no temp or lock files
     for t in range(4):
         mine = [int(r["n"]) for r in rows if r["benchmark"] == f"w{t}"]
         # each call's two rows are adjacent and each writer's calls stay in order
