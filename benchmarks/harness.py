@@ -65,7 +65,7 @@ COLUMNS: tuple[str, ...] = (
     "throughput",
     "throughput_unit",
     "phase",
-    "peak_mem_mb",
+    "peak_mem_mib",
     "extra",
     "device",
     "torch",
@@ -74,7 +74,7 @@ COLUMNS: tuple[str, ...] = (
     "timestamp",
 )
 """The CSV header, in order.  ``throughput``/``throughput_unit`` carry end-to-end rates
-(e.g. tokens/s), ``phase``/``peak_mem_mb`` the memory benchmark, ``extra`` a JSON object
+(e.g. tokens/s), ``phase``/``peak_mem_mib`` the memory benchmark, ``extra`` a JSON object
 of any other key a benchmark reported."""
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
   solid line per piece_optim backend and a dashed line per torch baseline, at one ratio
   (1e-3 when present: the paper's default).
 * ``e2e_throughput.png``: training-step tokens/s, AdamW vs SparseAdamW per backend.
-* ``memory.png``: peak memory (MB) per phase, one bar per optimizer/backend, from the
+* ``memory.png``: peak memory (MiB) per phase, one bar per optimizer/backend, from the
   memory benchmark's rows (skipped when there are none).
 
 The CSV is append-only across runs; for each (benchmark, backend, N, ratio, baseline,
@@ -51,15 +51,15 @@ def _plot_ratio(rows: Sequence[dict[str, str]]) -> str:
     return ratios[len(ratios) // 2] if ratios else ""
 
 
-def _peak_mb(r: dict[str, str]) -> float | None:
-    v = _f(r.get("peak_mem_mb", ""))
+def _peak_mib(r: dict[str, str]) -> float | None:
+    v = _f(r.get("peak_mem_mib", ""))
     if v is not None:
         return v
     try:
         extra = json.loads(r.get("extra") or "{}")
     except json.JSONDecodeError:
         return None
-    for key in ("peak_mem_mb", "peak_mb", "mb"):
+    for key in ("peak_mem_mib", "peak_growth_mib", "peak_mib"):
         if isinstance(extra.get(key), (int, float)):
             return float(extra[key])
     for key in ("peak_bytes", "bytes", "peak_mem_bytes"):
@@ -137,19 +137,19 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    mem = [r for r in rows if r["benchmark"].startswith("memory") and _peak_mb(r) is not None]
+    mem = [r for r in rows if r["benchmark"].startswith("memory") and _peak_mib(r) is not None]
     if mem:
         phases = list(dict.fromkeys(r["phase"] or "peak" for r in mem))
         series = list(dict.fromkeys(r["backend"] or r["benchmark"] for r in mem))
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(phases), 3.8))
         width = 0.8 / max(len(series), 1)
         for j, s in enumerate(series):
-            vals = {r["phase"] or "peak": _peak_mb(r) for r in mem
+            vals = {r["phase"] or "peak": _peak_mib(r) for r in mem
                     if (r["backend"] or r["benchmark"]) == s}  # fmt: skip
             xs = [i + j * width for i, p in enumerate(phases) if p in vals]
             ax.bar(xs, [vals[p] for p in phases if p in vals], width, label=s)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], phases, fontsize=8)
-        ax.set_ylabel("peak memory (MB)")
+        ax.set_ylabel("peak memory growth (MiB)")
         ax.set_title(f"memory per phase ({device})", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
