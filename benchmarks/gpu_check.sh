@@ -84,7 +84,8 @@ stage backends 30 $PY -c "import piece_optim as p; b = p.available_backends('cud
 missing = {'triton', 'cuda'} - set(b); assert not missing, f'not loaded: {missing}'"
 stage tests-triton 70 env PIECE_OPTIM_BACKEND=triton $PY -m pytest -q -x -p no:cacheprovider tests
 stage tests-cuda 70 env PIECE_OPTIM_BACKEND=cuda $PY -m pytest -q -x -p no:cacheprovider tests
-stage bench 140 $PY -m piece_optim bench --device cuda --threads 0 --max-n "$MAX_N" --out "$OUT_DIR"
+stage bench 140 $PY -m piece_optim bench --device cuda --threads 0 --no-memory --max-n "$MAX_N" \
+  --out "$OUT_DIR"
 if [ "$DRY_RUN" = 1 ]; then
   # The GPU-free path: the same CSV writer, on CPU at toy sizes.
   stage csv 120 env PIECE_BENCH_TINY=1 $PY -m piece_optim bench --device cpu --no-e2e --no-plot \
