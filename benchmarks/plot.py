@@ -78,6 +78,7 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError as exc:
         raise ImportError("matplotlib is needed for plots: pip install matplotlib") from exc
     rows = latest(read_rows(csv_path))
@@ -101,7 +102,8 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
             lines: dict[tuple[str, str], dict[int, float]] = {}
             for r in sel:
                 n = int(r["n"])
-                lines.setdefault((r["backend"], "-"), {})[n] = float(r["time_ms"])
+                label = "copy_" if bench == "copy" else f"piece_optim[{r['backend']}]"
+                lines.setdefault((label, "-"), {})[n] = float(r["time_ms"])
                 if r["baseline"] and _f(r["baseline_ms"]) is not None:
                     lines.setdefault((r["baseline"], "--"), {})[n] = float(r["baseline_ms"])
             for (label, style), pts in sorted(lines.items()):
@@ -109,6 +111,8 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
                 ax.plot(xs, [pts[x] for x in xs], style, marker="o", label=label)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("N (elements)")
             ax.set_ylabel("time (ms, median)")
             title = bench if bench in ("copy", "accumulate") else f"{bench}, ratio {ratio}"
