@@ -134,7 +134,15 @@ def memory_rows(quick: bool, device: torch.device | str = "cpu") -> list[dict[st
         print("note: benchmarks/memory.py has no run(quick); skipping the memory rows")
         return []
     prov = provenance(device)
-    return [normalize_row(r, prov) for r in memory.run(quick)]
+    rows = []
+    for r in memory.run(quick):
+        r = dict(r)
+        # memory.py names its rows with "bench" and reports "peak_growth_mib" (VmHWM growth)
+        r.setdefault("benchmark", r.get("bench") or "memory")
+        if "peak_growth_mib" in r and "peak_mem_mib" not in r:
+            r["peak_mem_mib"] = r["peak_growth_mib"]
+        rows.append(normalize_row(r, prov))
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@
 #                      PIECE_FORCE_BUILD=1 (builds the CUDA extension; CUDA_HOME / nvcc
 #                      needed), arch = this GPU only; then (30 s) triton + cuda must load
 #   3. tests   (70 s + 70 s) the test suite natively with PIECE_OPTIM_BACKEND=triton, =cuda
+#                      (less the tests of this script, which would call it recursively)
 #   4. bench   (140 s) piece-optim bench --device cuda --max-n N: micro benchmarks at N up
 #                      to N (default 1e9) vs torch.topk / kthvalue and fused AdamW, copy
 #                      bandwidth, and the small-LLaMA training step
@@ -82,9 +83,12 @@ stage build 140 env PIECE_FORCE_BUILD=1 ${ARCH:+PIECE_CUDA_ARCH_LIST=$ARCH TORCH
   MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -q -e .
 stage backends 30 $PY -c "import piece_optim as p; b = p.available_backends('cuda'); print(b); \
 missing = {'triton', 'cuda'} - set(b); assert not missing, f'not loaded: {missing}'"
-stage tests-triton 70 env PIECE_OPTIM_BACKEND=triton $PY -m pytest -q -x -p no:cacheprovider tests
-stage tests-cuda 70 env PIECE_OPTIM_BACKEND=cuda $PY -m pytest -q -x -p no:cacheprovider tests
-stage bench 140 $PY -m piece_optim bench --device cuda --threads 0 --max-n "$MAX_N" --out "$OUT_DIR"
+stage tests-triton 70 env PIECE_OPTIM_BACKEND=triton $PY -m pytest -q -x -p no:cacheprovider \
+  -k "not gpu_check" tests
+stage tests-cuda 70 env PIECE_OPTIM_BACKEND=cuda $PY -m pytest -q -x -p no:cacheprovider \
+  -k "not gpu_check" tests
+stage bench 140 $PY -m piece_optim bench --device cuda --threads 0 --no-memory --max-n "$MAX_N" \
+  --out "$OUT_DIR"
 if [ "$DRY_RUN" = 1 ]; then
   # The GPU-free path: the same CSV writer, on CPU at toy sizes.
   stage csv 120 env PIECE_BENCH_TINY=1 $PY -m piece_optim bench --device cpu --no-e2e --no-plot \

@@ -17,10 +17,10 @@ Design decisions
   measured in the same run (``copy_gbps``); ``frac_of_copy`` is how close the kernel is to
   that floor, which is the number that says whether a kernel has headroom.
 * **Atomic CSV append with a fixed header.**  Rows are appended under an exclusive lock
-  (a ``.lock`` file beside the CSV), by writing the old content plus the new rows to a
-  temporary file and ``os.replace``-ing it: a reader never sees half a row, two writers
-  never interleave, and a crash leaves the old file intact.  A CSV whose header differs
-  from :data:`COLUMNS` is refused rather than silently misaligned.
+  (``flock`` on the CSV's folder: no stray lock file), by writing the old content plus
+  the new rows to a temporary file and ``os.replace``-ing it: a reader never sees half a
+  row, two writers never interleave, and a crash leaves the old file intact.  A CSV
+  whose header differs from :data:`COLUMNS` is refused rather than silently misaligned.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ COLUMNS: tuple[str, ...] = (
     "throughput",
     "throughput_unit",
     "phase",
-    "peak_mem_mb",
+    "peak_mem_mib",
     "extra",
     "device",
     "torch",
@@ -74,7 +74,7 @@ COLUMNS: tuple[str, ...] = (
     "timestamp",
 )
 """The CSV header, in order.  ``throughput``/``throughput_unit`` carry end-to-end rates
-(e.g. tokens/s), ``phase``/``peak_mem_mb`` the memory benchmark, ``extra`` a JSON object
+(e.g. tokens/s), ``phase``/``peak_mem_mib`` the memory benchmark, ``extra`` a JSON object
 of any other key a benchmark reported."""
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,6 +297,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
     """Append ``rows`` to the CSV at ``path`` atomically; write the header if it is new.
 
@@ -316,38 +324,39 @@ def append_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> i
             )
         writer.writerow({c: _fmt(r.get(c)) for c in COLUMNS})
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as lock:
+    # Lock the folder, not the CSV: os.replace swaps the CSV's inode, so a lock held on the
+    # old file would not exclude a writer that opened the new one.
+    lock = os.open(path.parent, os.O_RDONLY)
+    try:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
+        old = path.read_text() if path.exists() else ""
+        header = ",".join(COLUMNS) + "\n"
+        if old:
+            first = old.split("\n", 1)[0] + "\n"
+            if first != header:
+                raise ValueError(
+                    f"{path} has a different header ({first.strip()[:80]}...); write to a "
+                    "new file or move the old one away"
+                )
+            if not old.endswith("\n"):
+                old += "\n"
+        else:
+            old = header
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         try:
-            old = path.read_text() if path.exists() else ""
-            header = ",".join(COLUMNS) + "\n"
-            if old:
-                first = old.split("\n", 1)[0] + "\n"
-                if first != header:
-                    raise ValueError(
-                        f"{path} has a different header ({first.strip()[:80]}...); write to a "
-                        "new file or move the old one away"
-                    )
-                if not old.endswith("\n"):
-                    old += "\n"
-            else:
-                old = header
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(old + buf.getvalue())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        finally:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep a CSV's usual mode
+            with os.fdopen(fd, "w") as f:
+                f.write(old + buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    finally:
+        os.close(lock)  # releases the flock
     return len(rows)
 
 

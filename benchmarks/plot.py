@@ -4,7 +4,7 @@
   solid line per piece_optim backend and a dashed line per torch baseline, at one ratio
   (1e-3 when present: the paper's default).
 * ``e2e_throughput.png``: training-step tokens/s, AdamW vs SparseAdamW per backend.
-* ``memory.png``: peak memory (MB) per phase, one bar per optimizer/backend, from the
+* ``memory.png``: peak memory (MiB) per phase, one bar per optimizer/backend, from the
   memory benchmark's rows (skipped when there are none).
 
 The CSV is append-only across runs; for each (benchmark, backend, N, ratio, baseline,
@@ -51,15 +51,15 @@ def _plot_ratio(rows: Sequence[dict[str, str]]) -> str:
     return ratios[len(ratios) // 2] if ratios else ""
 
 
-def _peak_mb(r: dict[str, str]) -> float | None:
-    v = _f(r.get("peak_mem_mb", ""))
+def _peak_mib(r: dict[str, str]) -> float | None:
+    v = _f(r.get("peak_mem_mib", ""))
     if v is not None:
         return v
     try:
         extra = json.loads(r.get("extra") or "{}")
     except json.JSONDecodeError:
         return None
-    for key in ("peak_mem_mb", "peak_mb", "mb"):
+    for key in ("peak_mem_mib", "peak_growth_mib", "peak_mib"):
         if isinstance(extra.get(key), (int, float)):
             return float(extra[key])
     for key in ("peak_bytes", "bytes", "peak_mem_bytes"):
@@ -78,6 +78,7 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError as exc:
         raise ImportError("matplotlib is needed for plots: pip install matplotlib") from exc
     rows = latest(read_rows(csv_path))
@@ -90,13 +91,19 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
     if micro:
         ratio = _plot_ratio(micro)
         names = [b for b in MICRO if any(r["benchmark"] == b for r in micro)]
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
-        for ax, bench in zip(axes[0], names, strict=True):
+        ncols = min(3, len(names))
+        nrows = -(-len(names) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows),
+                                 squeeze=False)  # fmt: skip
+        for ax in axes.flat[len(names):]:
+            ax.set_visible(False)
+        for ax, bench in zip(axes.flat, names, strict=False):  # more axes than panels
             sel = [r for r in micro if r["benchmark"] == bench and r["ratio"] in ("", ratio)]
             lines: dict[tuple[str, str], dict[int, float]] = {}
             for r in sel:
                 n = int(r["n"])
-                lines.setdefault((r["backend"], "-"), {})[n] = float(r["time_ms"])
+                label = "copy_" if bench == "copy" else f"piece_optim[{r['backend']}]"
+                lines.setdefault((label, "-"), {})[n] = float(r["time_ms"])
                 if r["baseline"] and _f(r["baseline_ms"]) is not None:
                     lines.setdefault((r["baseline"], "--"), {})[n] = float(r["baseline_ms"])
             for (label, style), pts in sorted(lines.items()):
@@ -104,6 +111,8 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
                 ax.plot(xs, [pts[x] for x in xs], style, marker="o", label=label)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("N (elements)")
             ax.set_ylabel("time (ms, median)")
             title = bench if bench in ("copy", "accumulate") else f"{bench}, ratio {ratio}"
@@ -132,19 +141,19 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    mem = [r for r in rows if r["benchmark"].startswith("memory") and _peak_mb(r) is not None]
+    mem = [r for r in rows if r["benchmark"].startswith("memory") and _peak_mib(r) is not None]
     if mem:
         phases = list(dict.fromkeys(r["phase"] or "peak" for r in mem))
         series = list(dict.fromkeys(r["backend"] or r["benchmark"] for r in mem))
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(phases), 3.8))
         width = 0.8 / max(len(series), 1)
         for j, s in enumerate(series):
-            vals = {r["phase"] or "peak": _peak_mb(r) for r in mem
+            vals = {r["phase"] or "peak": _peak_mib(r) for r in mem
                     if (r["backend"] or r["benchmark"]) == s}  # fmt: skip
             xs = [i + j * width for i, p in enumerate(phases) if p in vals]
             ax.bar(xs, [vals[p] for p in phases if p in vals], width, label=s)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], phases, fontsize=8)
-        ax.set_ylabel("peak memory (MB)")
+        ax.set_ylabel("peak memory growth (MiB)")
         ax.set_title(f"memory per phase ({device})", fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()

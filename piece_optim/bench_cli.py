@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-n", type=int, default=None,
                         help="add N = 1e8, 1e9... up to this (GPU; not with --quick)")  # fmt: skip
     parser.add_argument("--no-e2e", action="store_true", help="micro benchmarks only")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="include benchmarks/memory.py's peak-memory rows (default: yes, "
+                        "except with --quick: it runs each phase in a fresh process, about 5 "
+                        "minutes on a 2-core CPU)")  # fmt: skip
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
 
 
@@ -132,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
             nrows += harness.append_rows(csv_path, e2e.throughput_rows(
                 size, device=device, backends=names, warmup=warmup, repeats=repeats,
                 progress=tick))  # fmt: skip
-    if e2e is not None:
+    memory = args.memory if args.memory is not None else not (args.quick or tiny)
+    if e2e is not None and memory:
         nrows += harness.append_rows(csv_path, e2e.memory_rows(args.quick or tiny, device))
+    elif e2e is not None:
+        print("note: memory rows skipped (--quick); add --memory to include them")
     print(f"wrote {nrows} rows to {csv_path} in {time.perf_counter() - t0:.0f} s "
           f"(backends: {', '.join(names)}; device: {harness.device_name(device)})")  # fmt: skip
     if not args.no_plot:

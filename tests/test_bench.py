@@ -139,6 +139,9 @@ def test_append_rows_header_once_and_roundtrip(tmp_path: Path, seed: int) -> Non
         assert int(got["n"]) == src["n"]
         assert float(got["time_ms"]) == pytest.approx(src["time_ms"], rel=CSV_RTOL)
     assert not list(path.parent.glob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_append_rows_refuses_bad_header_and_columns(tmp_path: Path) -> None:
@@ -188,6 +191,7 @@ def test_append_rows_concurrent_writers_never_interleave(tmp_path: Path) -> None
     header, rows = _rows(path)
     assert header == list(harness.COLUMNS)
     assert len(rows) == 4 * 10 * 2
+    assert [f.name for f in tmp_path.iterdir()] == ["bench.csv"]  # no temp or lock files
     for t in range(4):
         mine = [int(r["n"]) for r in rows if r["benchmark"] == f"w{t}"]
         # each call's two rows are adjacent and each writer's calls stay in order
@@ -204,25 +208,47 @@ def test_memory_rows_absent_and_present(monkeypatch, capsys) -> None:
         @staticmethod
         def run(quick: bool) -> list[dict]:
             return [{"benchmark": "memory", "backend": "SparseAdamW", "phase": "step",
-                     "peak_mem_mb": 12.5, "quick": quick, "peak_bytes": 13107200}]  # fmt: skip
+                     "peak_mem_mib": 12.5, "quick": quick, "peak_bytes": 13107200}]  # fmt: skip
 
     monkeypatch.setitem(sys.modules, "benchmarks.memory", Fake)
     (row,) = e2e.memory_rows(True)
     assert list(row) == list(harness.COLUMNS)
-    assert (row["phase"], row["peak_mem_mb"]) == ("step", 12.5)
+    assert (row["phase"], row["peak_mem_mib"]) == ("step", 12.5)
     assert json.loads(row["extra"]) == {"quick": True, "peak_bytes": 13107200}
     assert row["device"] and row["commit"] and row["timestamp"]
+
+    class LikeMemoryPy:  # the row shape benchmarks/memory.py returns
+        @staticmethod
+        def run(quick: bool) -> list[dict]:
+            return [{"bench": "memory", "phase": "adamw", "peak_growth_mib": 40.0,
+                     "torch": "x"}, {"bench": "memory", "phase": "overlap", "k": 3}]  # fmt: skip
+
+    monkeypatch.setitem(sys.modules, "benchmarks.memory", LikeMemoryPy)
+    first, second = e2e.memory_rows(False)
+    assert (first["benchmark"], first["phase"], first["peak_mem_mib"]) == ("memory", "adamw", 40.0)
+    assert first["torch"] == "x"  # the module's own provenance wins over ours
+    assert json.loads(first["extra"]) == {"bench": "memory", "peak_growth_mib": 40.0}
+    assert (second["benchmark"], second["k"], second["peak_mem_mib"]) == ("memory", 3, "")
 
 
 # -- piece-optim bench ------------------------------------------------------------------
 def test_bench_quick_writes_rows_and_plots(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
     monkeypatch.setenv("PIECE_BENCH_TINY", "1")
     out = tmp_path / "out"
-    assert cli_main(["bench", "--quick", "--threads", "0", "--out", str(out)]) == 0
+    # PIECE_OPTIM_BACKEND=cuda (or native triton) names a backend that cannot take CPU
+    # tensors: then the bench runs on the GPU, or, without one, must refuse clearly.
+    device = "cpu" if micro.backends_to_run("cpu") else "cuda"
+    args = ["bench", "--quick", "--threads", "0", "--device", device, "--out", str(out)]
+    if device == "cuda" and not torch.cuda.is_available():
+        assert cli_main(args) == 2
+        return
+    assert cli_main(args) == 0
     header, rows = _rows(out / "bench.csv")
     assert header == list(harness.COLUMNS)
     assert len(rows) >= 6
-    backends = set(micro.backends_to_run("cpu"))
+    backends = set(micro.backends_to_run(device))
     assert backends and {r["backend"] for r in rows if r["benchmark"] != "copy"} >= backends
     kinds = {r["benchmark"] for r in rows}
     assert {"copy", "accumulate", "step", "select", "compaction", "e2e_train_step"} <= kinds
@@ -315,3 +341,23 @@ def test_gpu_check_dry_run_writes_csv(tmp_path: Path) -> None:
     header, rows = _rows(out / "bench.csv")
     assert header == list(harness.COLUMNS)
     assert len(rows) >= 6
+
+
+def test_plot_memory_bars_and_latest_rows(tmp_path: Path, seed: int) -> None:
+    if not _has_matplotlib():
+        pytest.skip("matplotlib is an optional extra")
+    plot = bench_cli._import("plot")
+    rng = random.Random(seed)
+    prov = _prov()
+    path = tmp_path / "bench.csv"
+    for run in range(2):  # the second run's rows must replace the first's
+        rows = [harness.normalize_row({"benchmark": "memory", "backend": opt, "phase": ph,
+                                       "peak_mem_mib": rng.uniform(1, 100) + run}, prov)
+                for opt in ("AdamW", "SparseAdamW") for ph in ("estimate", "train")]  # fmt: skip
+        harness.append_rows(path, rows)
+    kept = plot.latest(harness.read_rows(path))
+    assert len(kept) == 4
+    assert kept == harness.read_rows(path)[4:]
+    (png,) = plot.plot_csv(path, tmp_path / "png")
+    assert png.name == "memory.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
