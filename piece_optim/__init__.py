@@ -7,6 +7,7 @@ with :class:`SparseAdamW`, which keeps optimizer state for the selected entries 
 
 from ._backends import BackendUnavailableError, available_backends
 from ._version import __version__
+from .delta import apply_delta, load_delta, revert_delta, save_delta
 from .importance import ImportanceEstimator
 from .mask import SparseMask
 from .optim import SparseAdamW
@@ -17,5 +18,9 @@ __all__ = [
     "SparseAdamW",
     "SparseMask",
     "__version__",
+    "apply_delta",
     "available_backends",
+    "load_delta",
+    "revert_delta",
+    "save_delta",
 ]

@@ -1,0 +1,195 @@
+"""The demo model: a small LLaMA built from a ``transformers`` config, pretrained on stdlib.
+
+Sizes live in :data:`SIZES`; ``"tiny"`` is for tests only.  Pretraining is cached under
+``~/.cache/piece_optim/demo`` (``PIECE_OPTIM_CACHE`` overrides), keyed by everything
+that changes the weights (size, steps, seed, corpus bytes, torch/transformers versions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .data import NEWLINE, VOCAB_SIZE, decode, encode, fixed_windows
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_len: int = 256
+
+
+SIZES: dict[str, ModelSize] = {
+    "small": ModelSize(hidden=128, layers=4, heads=4, intermediate=384),
+    "tiny": ModelSize(hidden=32, layers=2, heads=2, intermediate=64, max_len=128),
+}
+
+
+def build_model(size: str | ModelSize, seed: int = 0) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` (untied embeddings, byte vocab)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SIZES[size] if isinstance(size, str) else size
+    cfg = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        max_position_embeddings=s.max_len,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=NEWLINE,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).float()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PIECE_OPTIM_CACHE", Path.home() / ".cache" / "piece_optim"))
+
+
+def pretrain(
+    model: nn.Module,
+    train: Tensor,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
+    """Next-byte pretraining on random windows of ``train``: AdamW, warmup + cosine."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)),
+    )
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc="pretrain on stdlib", disable=not progress, leave=False)
+    for _ in bar:
+        starts = torch.randint(0, train.numel() - seq_len - 1, (batch,), generator=g)
+        x = torch.stack([train[s : s + seq_len] for s in starts.tolist()]).long()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def pretrained_model(
+    size: str,
+    corpus: dict[str, Tensor],
+    steps: int,
+    batch: int = 16,
+    seq_len: int = 128,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Build and pretrain (or load from the cache) the general model.
+
+    Returns ``(model, info)``; ``info["cached"]`` says whether the cache was used.
+    """
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    key_src = json.dumps(
+        {
+            "size": asdict(SIZES[size]),
+            "steps": steps,
+            "batch": batch,
+            "seq_len": seq_len,
+            "seed": seed,
+            "corpus": hashlib.sha1(corpus["train"].numpy().tobytes()).hexdigest(),
+            "torch": torch.__version__.split("+")[0],
+            "transformers": transformers.__version__,
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
+    path = cache_dir() / "demo" / f"{size}-{key}.safetensors"
+    model = build_model(size, seed)
+    if use_cache and path.exists():
+        model.load_state_dict(load_file(str(path)))
+        model.eval()
+        return model, {"cached": True, "path": str(path)}
+    losses = pretrain(model, corpus["train"], steps, batch, seq_len, seed=seed, progress=progress)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    return model, {"cached": False, "path": str(path), "final_loss": losses[-1]}
+
+
+@torch.no_grad()
+def next_token_accuracy(model: nn.Module, windows: Tensor, batch: int = 32) -> float:
+    """Fraction of bytes (positions 1..L-1 of each window) the model predicts exactly."""
+    model.eval()
+    hit = tot = 0
+    for i in range(0, windows.shape[0], batch):
+        x = windows[i : i + batch]
+        pred = model(input_ids=x, use_cache=False).logits[:, :-1].argmax(-1)
+        hit += int((pred == x[:, 1:]).sum())
+        tot += pred.numel()
+    return hit / tot
+
+
+def general_windows(corpus: dict[str, Tensor], split: str, n: int, length: int = 128) -> Tensor:
+    return fixed_windows(corpus[split], n, length, seed={"val": 1, "test": 2}[split])
+
+
+@torch.no_grad()
+def exact_match(
+    model: nn.Module, pairs: list[tuple[str, str]], max_new: int = 14, batch: int = 64
+) -> float:
+    """Greedy-decode each prompt until ``"\\n"``; score = fraction equal to the answer.
+
+    Prompts are grouped by byte length so no batch needs padding.
+    """
+    model.eval()
+    groups: dict[int, list[tuple[list[int], str]]] = {}
+    for p, a in pairs:
+        ids = encode(p)
+        groups.setdefault(len(ids), []).append((ids, a))
+    hit = 0
+    for items in groups.values():
+        for i in range(0, len(items), batch):
+            chunk = items[i : i + batch]
+            x = torch.tensor([ids for ids, _ in chunk])
+            out = torch.empty(len(chunk), 0, dtype=torch.long)
+            done = torch.zeros(len(chunk), dtype=torch.bool)
+            for _ in range(max_new):
+                nxt = model(input_ids=x, use_cache=False).logits[:, -1].argmax(-1)
+                out = torch.cat([out, nxt[:, None]], 1)
+                x = torch.cat([x, nxt[:, None]], 1)
+                done |= nxt == NEWLINE
+                if bool(done.all()):
+                    break
+            for row, (_, a) in zip(out.tolist(), chunk, strict=True):
+                text = decode(row[: row.index(NEWLINE)] if NEWLINE in row else row)
+                hit += int(NEWLINE in row and text == a)
+    return hit / len(pairs)

@@ -1,0 +1,84 @@
+"""The learning-rate grid: one lr per method family, picked on validation data.
+
+Families: ``full`` (seqft), ``lora`` (seqlora), ``sparse`` (random, piece-f, piece-s share
+one lr, tuned on piece-s).  Each lr of a family's grid runs the whole task sequence and
+is scored on the *validation* splits (task validation prompts, validation stdlib files),
+never on the test data the demo reports.
+
+Selection criterion, the same for every family: maximise ``OP_val + general_after_val /
+general_before_val`` (task performance plus the fraction of general ability kept, both
+in [0, 1]).  Choosing by OP alone would reward whichever lr overwrites the model
+fastest, which is not what a practitioner who cares about the base model would pick;
+giving both terms equal weight and applying the rule to every family keeps the
+comparison fair.  The defaults in :func:`piece_optim.demo.bench.preset` come from
+``piece-optim demo --tune`` (the grid is reported in docs/demo_section.md).
+"""
+
+from __future__ import annotations
+
+from .bench import DemoConfig, run_method, setup
+from .model import next_token_accuracy
+
+GRID: dict[str, tuple[float, ...]] = {
+    "full": (1e-4, 3e-4, 1e-3),
+    "lora": (1e-3, 3e-3, 1e-2),
+    "sparse": (1e-3, 3e-3, 1e-2),
+}
+FAMILY_METHOD = {"full": "seqft", "lora": "seqlora", "sparse": "piece-s"}
+
+
+def criterion(op: float, general_after: float, general_before: float) -> float:
+    return op + general_after / general_before
+
+
+def run_grid(
+    cfg: DemoConfig,
+    methods: tuple[str, ...] | None = None,
+    grid: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the grid; returns ``{"general_before", "rows": [...], "best": {family: lr}}``."""
+    grid = grid or GRID
+    base, tasks, windows, _ = setup(cfg, progress)
+    g0 = next_token_accuracy(base, windows["val"])
+    rows, best = [], {}
+    for fam, lrs in grid.items():
+        method = FAMILY_METHOD[fam]
+        if methods is not None and method not in methods:
+            continue
+        scored = []
+        for lr in lrs:
+            r = run_method(
+                method, base, tasks, cfg, windows["val"], split="val", lr=lr, progress=progress
+            )
+            c = criterion(r["op"], r["general_after"], g0)
+            rows.append(
+                {
+                    "family": fam,
+                    "method": method,
+                    "lr": lr,
+                    "op": r["op"],
+                    "bwt": r["bwt"],
+                    "general_after": r["general_after"],
+                    "criterion": c,
+                }
+            )
+            scored.append((c, lr))
+        best[fam] = max(scored)[1]
+    return {"general_before": g0, "rows": rows, "best": best}
+
+
+def format_grid(grid: dict) -> str:
+    lines = [
+        f"lr grid on validation data (general before {grid['general_before']:.3f}); "
+        "pick = max OP + general_after/general_before",
+        f"{'family':7s} {'method':8s} {'lr':>7s} {'OP':>6s} {'BWT':>7s} {'general':>8s} "
+        f"{'crit':>6s}",
+    ]
+    for r in grid["rows"]:
+        mark = " <-" if grid["best"].get(r["family"]) == r["lr"] else ""
+        lines.append(
+            f"{r['family']:7s} {r['method']:8s} {r['lr']:7.0e} {r['op']:6.3f} "
+            f"{r['bwt']:+7.3f} {r['general_after']:8.3f} {r['criterion']:6.3f}{mark}"
+        )
+    return "\n".join(lines)
