@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "shared machine a parallel op waits for a descheduled worker (here "
                         "a 1M-float copy took 20 ms with 2 threads, 0.09 ms with 1)")  # fmt: skip
     parser.add_argument("--max-n", type=int, default=None,
-                        help="add N = 1e8, 1e9... up to this (GPU; not with --quick)")  # fmt: skip
+                        help="keep N <= this and add N = 1e8, 1e9... up to it (GPU; not with "
+                        "--quick)")  # fmt: skip
     parser.add_argument("--no-e2e", action="store_true", help="micro benchmarks only")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="include benchmarks/memory.py's peak-memory rows (default: yes, "
@@ -82,6 +83,14 @@ def run(args: argparse.Namespace) -> int:
         e2e = None if args.no_e2e else _import("e2e")
     except (FileNotFoundError, ImportError) as exc:
         print(f"piece-optim bench: {exc}", file=sys.stderr)
+        return 2
+    if args.max_n is not None and args.quick:
+        print("piece-optim bench: --max-n adds large sizes to a full run; drop --quick (or "
+              "--max-n)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.memory and args.no_e2e:
+        print("piece-optim bench: --memory is part of the end-to-end benchmarks; drop "
+              "--no-e2e (or --memory)", file=sys.stderr)  # fmt: skip
         return 2
     if args.threads < 0:
         print(f"piece-optim bench: --threads={args.threads} must be >= 0", file=sys.stderr)
@@ -104,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         sizes, ratios, repeats, warmup = micro.FULL_SIZES, micro.FULL_RATIOS, 5, 2
         size = e2e.FULL if e2e else None
     sizes = list(sizes)
-    if args.max_n and not (args.quick or tiny):
+    if args.max_n and not tiny:
         sizes = [s for s in sizes if s <= args.max_n]
         big = 100_000_000
         while big <= args.max_n:

@@ -289,6 +289,16 @@ def test_bench_fails_clearly_without_benchmarks_dir(tmp_path: Path, monkeypatch,
     assert "benchmarks folder was not found" in err and "source checkout" in err
 
 
+def test_bench_rejects_conflicting_flags(tmp_path: Path, capsys) -> None:
+    assert cli_main(["bench", "--quick", "--max-n", "1000000000", "--out", str(tmp_path)]) == 2
+    assert "--max-n" in capsys.readouterr().err
+    assert cli_main(["bench", "--no-e2e", "--memory", "--out", str(tmp_path)]) == 2
+    assert "--memory" in capsys.readouterr().err
+    assert cli_main(["bench", "--quick", "--threads", "-1", "--out", str(tmp_path)]) == 2
+    assert "--threads" in capsys.readouterr().err
+    assert not (tmp_path / "bench.csv").exists()
+
+
 def test_bench_rejects_cuda_without_gpu(tmp_path: Path, capsys) -> None:
     import torch
 
