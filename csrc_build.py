@@ -13,7 +13,8 @@ Design decisions:
 * Flags: ``-O3 -fno-math-errno`` (lets sqrt vectorise; results unchanged) and
   ``-ffp-contract=off``: the kernels place their fma exactly where torch's own CPU kernels
   have one, so results match the reference bit for bit, and the compiler must not add
-  others.  ``-fopenmp`` because at::parallel_for is inline OpenMP code.
+  others.  ``-fno-strict-aliasing``: the histogram reads fp32 scores as uint32 bits.
+  ``-fopenmp`` for the ATen parallel headers (the kernels run on their own thread pool).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 NAME = "piece_optim._C"
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-strict-aliasing"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]  # no fast math: the kernels round explicitly
 

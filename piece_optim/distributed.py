@@ -253,6 +253,11 @@ def load_sharded_optimizer_state_dict(
     """
     mine = state_dict[_rank_key()]
     params = _named_state(opt, model)
+    if set(mine) != set(params):
+        raise ValueError(
+            f"checkpoint has state for {sorted(mine)[:3]}..., this optimizer trains "
+            f"{sorted(params)[:3]}...: it was made with a different mask (or world size)"
+        )
     for name, st in mine.items():
         p = params[name]
         cur = opt.state[p] or opt._init_state(p)

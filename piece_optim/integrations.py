@@ -76,16 +76,26 @@ def estimate_mask(
 
     Each batch is a dict of model inputs including ``labels`` (``model(**batch).loss``);
     each batch is one gradient term.  No weight changes; gradients are cleared after.
+
+    Data parallel: when ``torch.distributed`` is initialised with several ranks and the
+    model is a plain module (as inside ``Trainer.create_optimizer``, before DDP wraps it),
+    each rank sees its own share of every batch, so the gradients are averaged across
+    ranks (one all_reduce per parameter per batch) before they are folded: every rank
+    then scores the global batch and selects the same mask.  A DDP-wrapped model averages
+    them itself; FSDP2 (DTensor) parameters are handled by the estimator.
     """
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
         raise ValueError(f"n_batches={n_batches!r} must be a positive int")
     from tqdm.auto import tqdm
 
+    group = _data_parallel_group(model)
     with ImportanceEstimator(model, method=method, eps=eps, exclude=exclude) as est:
         seen = 0
         for batch in tqdm(islice(batches, n_batches), total=n_batches, disable=not progress,
                           desc="PIECE importance"):  # fmt: skip
             _loss_of(model, batch).backward()
+            if group is not None:
+                _average_grads(model, group)
             est.collect()
             seen += 1
         if seen < n_batches:
@@ -95,6 +105,30 @@ def estimate_mask(
         mask = est.select(ratio=ratio)
     model.zero_grad(set_to_none=True)
     return mask
+
+
+def _data_parallel_group(model: nn.Module) -> Any | None:
+    """The default group when plain-module grads must be averaged by hand, else None."""
+    from .distributed import is_ddp, is_dtensor
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1 or is_ddp(model):
+        return None
+    if any(is_dtensor(p) for p in model.parameters()):
+        return None
+    return torch.distributed.group.WORLD
+
+
+def _average_grads(model: nn.Module, group: Any) -> None:
+    world = torch.distributed.get_world_size(group)
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # every rank must join every all_reduce, in the same order
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad, group=group)
+        p.grad.div_(world)
 
 
 def piece_trainer_optimizer(

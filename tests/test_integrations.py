@@ -27,6 +27,19 @@ VOCAB, SEQ, BS, N_EX, STEPS, N_CALIB, RATIO = 67, 9, 4, 16, 20, 3, 0.01
 LR, BETAS, EPS, CLIP = 2e-3, (0.9, 0.95), 1e-8, 1.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run these tiny models on one intra-op thread.
+
+    Why: on the shared 2-core box (load ~11) this file took 140 s with torch's 2 OpenMP
+    threads (spinning on each tiny op) and 8.6 s with one (measured, same run).
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Tokens(Dataset):
     def __init__(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)

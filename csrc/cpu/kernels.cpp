@@ -16,9 +16,11 @@
 #include <cstring>
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 namespace piece_optim::cpu {
 namespace {
@@ -66,11 +68,19 @@ class Pool {
       claim_.store((gen & kGenMask) << kGenShift, std::memory_order_release);
     }
     for (int i = 0; i < threads - 1; ++i) cv_.notify_one();
-    participate(gen, nch, &fn, &finish);
+    std::exception_ptr err;
+    try {
+      participate(gen, nch, &fn, &finish);
+    } catch (...) {  // e.g. bad_alloc: stop handing out chunks, wait, then rethrow
+      err = std::current_exception();
+      claim_.store(((gen & kGenMask) << kGenShift) | kIdxMask, std::memory_order_release);
+      busy_.fetch_sub(1, std::memory_order_acq_rel);
+    }
     // wait only for chunks in flight; a worker that never started is not waited for
     for (int spin = 0; busy_.load(std::memory_order_acquire) != 0; ++spin) {
       if (spin > 256) std::this_thread::yield();
     }
+    if (err) std::rethrow_exception(err);
   }
 
  private:

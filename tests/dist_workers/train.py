@@ -63,6 +63,17 @@ class Net(TinyNet):
         return self.fc2(h)
 
 
+class LossNet(nn.Module):
+    """HF-style: ``model(**batch)`` returns a dict with the loss."""
+
+    def __init__(self, net: Net) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": loss_fn(self.net, x, y)}
+
+
 def make_model(seed: int) -> Net:
     torch.manual_seed(seed)
     return Net()
@@ -211,6 +222,16 @@ def scenario_ddp(seed: int, calib, data, ref) -> dict:
     got = {n.removeprefix("module."): mask[n] for n in mask.names()}
     check(list(got) == ref_mask.names(), "ddp: mask names differ from one process")
     check(all(torch.equal(got[n], ref_mask[n]) for n in got), "ddp: mask differs")
+    # integrations.estimate_mask on the plain (unwrapped) model, as inside
+    # Trainer.create_optimizer: it averages the grads across ranks itself
+    from piece_optim.integrations import estimate_mask
+
+    plain = LossNet(make_model(seed))
+    hf = estimate_mask(plain, ({"x": local_rows(x), "y": local_rows(y)} for x, y in calib),
+                       n_batches=N_CALIB, ratio=RATIO, progress=False)  # fmt: skip
+    got = {n.removeprefix("net."): hf[n] for n in hf.names()}
+    check(list(got) == ref_mask.names(), "estimate_mask (data parallel): names differ")
+    check(all(torch.equal(got[n], ref_mask[n]) for n in got), "estimate_mask: mask differs")
     sent = pd.broadcast_mask(mask if dist.get_rank() == 0 else None)
     check(sent == mask and pd.mask_checksum(sent) == pd.mask_checksum(mask), "broadcast_mask")
     opt = po.SparseAdamW(model.named_parameters(), mask=mask, **HP)
