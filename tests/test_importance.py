@@ -14,16 +14,23 @@ from piece_optim._select import ScoreSource, global_topk
 
 
 def _float64_sums(model: TinyNet, data) -> tuple[dict, dict, dict]:
-    """sum_b g_b and sum_b g_b^2 per parameter, from torch.autograd.grad in float64."""
-    m64 = copy.deepcopy(model).double()
-    params = {n: p for n, p in m64.named_parameters() if p.requires_grad and p.numel()}
-    s1 = {n: torch.zeros_like(p) for n, p in params.items()}
-    s2 = {n: torch.zeros_like(p) for n, p in params.items()}
-    sa = {n: torch.zeros_like(p) for n, p in params.items()}
+    """sum_b g_b, sum_b g_b^2 and sum_b |g_b| per parameter, summed in float64.
+
+    The per-batch gradients come from ``torch.autograd.grad`` on an independent copy of the
+    model (same fp32 weights, so the same fp32 gradients the estimator sees); only the
+    summation and the scoring are done in float64.  This checks the estimator's
+    accumulation and scores, not the fp32 rounding of backprop itself.
+    """
+    twin = copy.deepcopy(model)
+    params = {n: p for n, p in twin.named_parameters() if p.requires_grad and p.numel()}
+    s1 = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    s2 = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    sa = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     for x, y in data:
-        grads = torch.autograd.grad(m64.loss(x, y), list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(twin.loss(x, y), list(params.values()), allow_unused=True)
         for (n, _), g in zip(params.items(), grads, strict=True):
             if g is not None:
+                g = g.double()
                 s1[n] += g
                 s2[n] += g * g
                 sa[n] += g.abs()
