@@ -311,6 +311,8 @@ class SparseAdamW(Optimizer):
         """Install the gather-and-free hook on every trainable param (sparse_grads only)."""
         if not self.sparse_grads:
             return
+        params = list(params)
+        _refuse_sparse_grads_when_distributed(params)
         # The hook holds a weak reference: params outliving the optimizer must not keep it
         # (and its state) alive.
         ref = weakref.ref(self)
@@ -500,3 +502,32 @@ class SparseAdamW(Optimizer):
             if "idx" in st:
                 state["idx"] = self._selection[p]
             state["step"] = st["step"].detach().to(torch.float32).cpu().clone()
+
+
+def _refuse_sparse_grads_when_distributed(params: list[Tensor]) -> None:
+    """``sparse_grads=True`` is single-process only (decision, documented here).
+
+    Its post-accumulate-grad hooks gather a gradient the moment autograd accumulates it:
+    under DDP that is before the gradients are averaged across ranks (the hook would keep
+    the local, unreduced gradient), and FSDP2 writes its reduce-scattered gradient shards
+    outside autograd, so the hooks would not see them at all.  Either way training would
+    silently differ from one process, so both are refused.
+    """
+    from .distributed import is_dtensor
+
+    if any(is_dtensor(p) for p in params):
+        raise NotImplementedError(
+            "SparseAdamW(sparse_grads=True) does not support FSDP2 (DTensor) parameters: "
+            "FSDP2 reduce-scatters gradients outside autograd, where the sparse-gradient hooks "
+            "cannot see them. Use sparse_grads=False (the default) with FSDP2"
+        )
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
+        raise NotImplementedError(
+            "SparseAdamW(sparse_grads=True) is single-process only: under DDP its hooks would "
+            "gather each gradient before DDP averages it across ranks. Use sparse_grads=False "
+            "(the default) when training with several processes"
+        )

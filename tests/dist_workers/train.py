@@ -162,13 +162,19 @@ def check(cond: bool, what: str) -> None:
 
 
 def check_in_backward_refused(model: nn.Module, what: str) -> None:
-    """in_backward hooks would fold gradients before they are reduced across ranks."""
+    """in_backward / sparse_grads hooks would see gradients before the cross-rank reduction."""
     try:
         po.ImportanceEstimator(model, in_backward=True)
     except NotImplementedError as e:
         check("in_backward=True" in str(e), f"{what}: unclear error {e}")
     else:
         check(False, f"{what}: in_backward=True was accepted")
+    try:
+        po.SparseAdamW(model.parameters(), mask=None, sparse_grads=True)
+    except NotImplementedError as e:
+        check("sparse_grads=True" in str(e), f"{what}: unclear sparse_grads error {e}")
+    else:
+        check(False, f"{what}: sparse_grads=True was accepted")
 
 
 # -- scenarios ---------------------------------------------------------------------------
