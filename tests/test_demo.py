@@ -15,7 +15,7 @@ from piece_optim.demo.model import build_model
 
 
 def test_tasks_are_deterministic_and_disjoint():
-    for name in ("sentiment", "dates", "addition", "upper", "reverse"):
+    for name in ("sentiment", "topic", "parity", "dates", "addition", "upper", "reverse"):
         a, b = make_task(name, 50, 10, seed=3), make_task(name, 50, 10, seed=3)
         assert a == b
         held = {p for p, _ in a.val + a.test}

@@ -54,21 +54,22 @@ class DemoConfig:
     """Everything that defines a run.  ``preset()`` gives the default / quick / tiny ones."""
 
     size: str = "small"
-    pretrain_steps: int = 700
-    tasks: tuple[str, ...] = ("sentiment", "dates", "upper")
+    pretrain_steps: int = 300
+    tasks: tuple[str, ...] = ("sentiment", "topic", "parity")
     n_train: int = 2000
     n_eval: int = 100
     steps: int = 150
     batch: int = 16
     ratio: float = 1e-2
-    eps: float = 1.0
+    eps: float = 1e-8
     calib_batches: int = 16
     lora_r: int = 8
     lr: dict[str, float] = field(
-        default_factory=lambda: {"full": 1e-3, "lora": 3e-3, "sparse": 1e-3}
+        default_factory=lambda: {"full": 3e-4, "lora": 3e-3, "sparse": 1e-2}
     )
     exclude: tuple[str, ...] = ("embed", "lm_head")
     n_general: int = 48
+    max_new: int = 14
     seed: int = 0
     use_cache: bool = True
 
@@ -78,17 +79,16 @@ def preset(name: str) -> DemoConfig:
     if name == "default":
         return DemoConfig()
     if name == "quick":
-        return DemoConfig(
-            pretrain_steps=300, steps=80, n_eval=60, n_train=1000, calib_batches=8, n_general=32
-        )
+        return DemoConfig(steps=80, n_eval=60, n_train=1000, calib_batches=8, n_general=32)
     if name == "tiny":
         return DemoConfig(
             size="tiny",
             pretrain_steps=3,
             tasks=("dates", "addition"),
             n_train=16,
-            n_eval=4,
+            n_eval=2,
             steps=2,
+            max_new=4,
             batch=4,
             ratio=0.05,
             calib_batches=1,
@@ -256,7 +256,7 @@ def run_method(
             desc=f"{method} task {i + 1}/{T} {task.name}",
         )
         for j in range(i + 1):
-            matrix[i][j] = exact_match(model, getattr(tasks[j], split))
+            matrix[i][j] = exact_match(model, getattr(tasks[j], split), cfg.max_new)
         gen.append(next_token_accuracy(model, general))
         if delta_dir is not None and mask is not None:
             path = delta_dir / method / f"task{i + 1}-{task.name}.safetensors"

@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pretrain again instead of loading ~/.cache/piece_optim",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)",
+    )
     parser.add_argument("--preset", default=None, help=argparse.SUPPRESS)  # tests: "tiny"
 
 
@@ -147,6 +153,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"piece-optim demo: --threads {args.threads} must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     torch.manual_seed(cfg.seed)
     progress = not args.no_progress
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ Everything is made locally and deterministically, with no download:
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sysconfig
 from collections.abc import Callable
@@ -46,8 +47,11 @@ def decode(ids: list[int]) -> str:
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
     """Sorted ``.py`` files of the standard library, without tests and site-packages."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = [f for f in root.rglob("*.py") if not skip.intersection(f.relative_to(root).parts)]
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = []
+    for d, dirs, names in os.walk(root):  # prune while walking: site-packages can be huge
+        dirs[:] = [x for x in dirs if x not in skip]
+        files += [Path(d) / n for n in names if n.endswith(".py")]
     if not files:
         raise RuntimeError(f"no Python source files found under {root}; is the stdlib there?")
     return sorted(files, key=lambda f: str(f.relative_to(root)))
@@ -141,6 +145,25 @@ def _addition(rng: random.Random) -> tuple[str, str]:
     return f"add {a} and {b} =", f" {a + b}"
 
 
+_TOPICS = {
+    "sports": ["goal", "match", "coach", "league", "striker", "season", "referee", "title"],
+    "science": ["atom", "genome", "telescope", "cell", "laser", "fossil", "vaccine", "orbit"],
+    "food": ["bread", "cheese", "soup", "pasta", "spice", "bakery", "recipe", "dessert"],
+}
+
+
+def _topic(rng: random.Random) -> tuple[str, str]:
+    topic = rng.choice(sorted(_TOPICS))
+    a, b = rng.sample(_TOPICS[topic], 2)
+    verb = rng.choice(["meets", "beats", "changes", "surprises", "follows"])
+    return f"headline: new {a} {verb} old {b}\ntopic:", " " + topic
+
+
+def _parity(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 9999)
+    return f"is {n} odd or even?", " odd" if n % 2 else " even"
+
+
 def _upper(rng: random.Random) -> tuple[str, str]:
     w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
     return f"upper {w} ->", " " + w.upper()
@@ -157,6 +180,8 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "addition": _addition,
     "reverse": _reverse,
     "upper": _upper,
+    "topic": _topic,
+    "parity": _parity,
 }
 """Task name -> generator of one (prompt, answer) pair.  Answers get a final ``"\\n"``."""
 
