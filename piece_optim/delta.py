@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reference import index_dtype_for
-from .mask import SparseMask, validate_indices
+from .mask import SparseMask, atomic_save_safetensors, validate_indices
 
 _FORMAT = "piece_optim.SparseDelta/1"
 
@@ -111,27 +110,12 @@ def save_delta(
         shapes[name] = list(new.shape)
         entries += idx.numel()
     meta = {"format": _FORMAT, "order": json.dumps(list(shapes)), "shapes": json.dumps(shapes)}
-    _atomic_save(tensors, Path(path), meta)
+    atomic_save_safetensors(tensors, Path(path), meta)
     return {"entries": entries, "bytes": Path(path).stat().st_size}
 
 
 def _int_view(dtype: torch.dtype) -> torch.dtype:
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_delta(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:

@@ -173,8 +173,6 @@ class SparseMask(Mapping[str, Tensor]):
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the mask as safetensors, atomically (a temp file renamed into place)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         meta = {
             "format": _FORMAT,
@@ -183,16 +181,7 @@ class SparseMask(Mapping[str, Tensor]):
             "order": json.dumps(list(self._idx)),
         }
         tensors = {f"idx/{n}": i.detach().cpu().contiguous() for n, i in self._idx.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> SparseMask:
@@ -213,3 +202,20 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
+    """``safetensors`` file written to a temp file in the same folder, then renamed into
+    place: a crash or a full disk never leaves a half-written file under ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
