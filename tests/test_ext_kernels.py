@@ -145,6 +145,28 @@ def test_score_histogram_equals_reference(seed, n, adt, method):
     assert torch.equal(h, r)
 
 
+@pytest.mark.parametrize("n", [15, 16, 17, 33, 4097, 140001])
+def test_level2_filter_groups_and_tail(seed, n):
+    """Level 2 tests 16 scores at a time and filters only groups that may match: matches at
+    group edges, in the tail, in bins above the prefix, and ties, against the reference."""
+    g = _gen(seed)
+    s2 = torch.rand(n, generator=g) * 0.25  # top bits below the prefix bin
+    top = int(torch.tensor(1.5).view(torch.int32)) >> 16
+    pos = torch.randint(0, n, (max(1, n // 50),), generator=g).tolist() + [0, n - 1]
+    pos += [p for p in (15, 16, 31, 32, n - 17, n - 16) if 0 <= p < n]
+    s2[pos] = 1.5 + torch.randint(0, 3, (len(pos),), generator=g).float() / 1024  # in-bin ties
+    s2[torch.randint(0, n, (max(1, n // 200),), generator=g)] = 3.0  # above the bin
+    h, r = torch.zeros(HIST_BINS, dtype=torch.int64), torch.zeros(HIST_BINS, dtype=torch.int64)
+    BE.score_histogram_(None, s2, "piece-f", 0.0, h, 16, 0)  # new selection: cache cleared
+    h.zero_()
+    BE.score_histogram_(None, s2, "piece-f", 0.0, h, 0, top)
+    ref.histogram_(s2, r, 0, top)
+    assert torch.equal(h, r) and int(h.sum()) > 0
+    cand = BE._cand.pop(id(s2))[2]
+    expect = torch.nonzero((s2.view(torch.int32) >> 16) >= top).flatten()
+    assert torch.equal(cand.to(torch.int64), expect)
+
+
 # ------------------------------------------------------------------------------ compaction
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)

@@ -30,12 +30,13 @@ constexpr int64_t kBlock = 1024;               // scores per stack buffer (4 KiB
 constexpr int64_t kSerialHist = 1 << 15;       // below: no per-thread histograms to merge
 constexpr int64_t kMinChunk = 1 << 16;         // smallest chunk worth a thread
 constexpr int64_t kEqFlag = int64_t(1) << 62;  // marks "bits == thr" entries in compaction
+constexpr int kSub = 4;  // interleaved per-thread level-1 histograms (kernels_impl.inc)
 
 using AccFn = void (*)(const AccumItem&, int64_t, int64_t);
 using ScoreFn = void (*)(const ScoreSrc&, float*, int64_t, int64_t);
 using AdamFn = void (*)(const AdamItem&, int64_t, int64_t);
 template <class C>
-using HistFn = int64_t (*)(const ScoreSrc&, int64_t, int64_t, C*, int, uint64_t, int64_t,
+using HistFn = int64_t (*)(const ScoreSrc&, int64_t, int64_t, C*, int, int, uint64_t, int64_t,
                            std::vector<int64_t>*, int64_t);
 
 // A work-claiming thread pool.  Chunks are claimed from one atomic counter tagged with the
@@ -188,9 +189,10 @@ void block_sqrt(float* x, int64_t n) {
   }
 }
 
-// Per-thread uint32 histogram; all zero between jobs (finish() merges and clears it).
+// Per-thread uint32 histogram, kSub interleaved copies of kBins (level 1 uses them all,
+// other levels the first); all zero between jobs (finish() merges and clears it).
 struct TlsHist {
-  std::vector<uint32_t> h = std::vector<uint32_t>(kBins, 0u);
+  std::vector<uint32_t> h = std::vector<uint32_t>(kSub * kBins, 0u);
   int64_t count = 0;  // elements counted since the last merge (kept < 2**31: no wrap)
 };
 TlsHist& tls_hist() {
@@ -323,7 +325,7 @@ void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int
   const int64_t total = off[m];
   if (total <= kSerialHist) {  // small: count straight into the result, no merge
     for (size_t i = 0; i < m; ++i) {
-      const int64_t seen = f64[i](items[i], 0, items[i].n, hist, shift, pre,
+      const int64_t seen = f64[i](items[i], 0, items[i].n, hist, 1, shift, pre,
                                   want ? caps[i] : 0, want ? &(*cands)[i] : nullptr, 0);
       if (want && seen > caps[i]) {
         (*cands)[i].clear();
@@ -336,11 +338,16 @@ void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int
   std::vector<std::vector<int64_t>> parts(want ? nch : 0);  // global indices, sorted
   std::vector<int64_t> seen(nch, 0);
   std::mutex mu;
+  const bool level1 = shift == 16 && prefix == 0 && !want;
   auto merge = [&] {
     TlsHist& local = tls_hist();
     std::lock_guard<std::mutex> g(mu);
-    for (int j = 0; j < kBins; ++j) hist[j] += local.h[j];
-    std::fill(local.h.begin(), local.h.end(), 0u);
+    const int nsub = level1 ? kSub : 1;
+    const uint32_t* h = local.h.data();
+    for (int c = 0; c < nsub; ++c, h += kBins) {
+      for (int j = 0; j < kBins; ++j) hist[j] += h[j];
+    }
+    std::fill(local.h.begin(), local.h.begin() + int64_t(nsub) * kBins, 0u);
     local.count = 0;
   };
   run_chunks(
@@ -350,7 +357,8 @@ void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int
         if (local.count + (hi - lo) >= (int64_t(1) << 31)) merge();
         local.count += hi - lo;
         for_segments(off, lo, hi, [&](size_t i, int64_t x, int64_t y) {
-          seen[c] += f32[i](items[i], x, y, local.h.data(), shift, pre, cap_total,
+          seen[c] += f32[i](items[i], x, y, local.h.data(), level1 ? kSub : 1, shift, pre,
+                            cap_total,
                             want ? &parts[c] : nullptr, off[i]);
         });
       },
