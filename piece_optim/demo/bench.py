@@ -79,7 +79,7 @@ def preset(name: str) -> DemoConfig:
     if name == "default":
         return DemoConfig()
     if name == "quick":
-        return DemoConfig(steps=80, n_eval=60, n_train=1000, calib_batches=8, n_general=32)
+        return DemoConfig(steps=60, n_eval=40, n_train=1000, calib_batches=4, n_general=24)
     if name == "tiny":
         return DemoConfig(
             size="tiny",
