@@ -65,7 +65,7 @@ class DemoConfig:
     calib_batches: int = 16
     lora_r: int = 8
     lr: dict[str, float] = field(
-        default_factory=lambda: {"full": 3e-4, "lora": 3e-3, "sparse": 1e-2}
+        default_factory=lambda: {"full": 1e-4, "lora": 1e-3, "sparse": 3e-3}
     )
     exclude: tuple[str, ...] = ("embed", "lm_head")
     n_general: int = 48
