@@ -91,3 +91,18 @@ def test_demo_cli_bad_input(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
     assert main(["demo", "--preset", "huge", "--out", str(tmp_path)]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_tuning_select_skips_lrs_that_learn_nothing(seed):
+    from piece_optim.demo.tuning import criterion, select
+
+    rng = random.Random(seed)
+    g0 = rng.uniform(0.3, 0.6)
+    op_hi = rng.uniform(0.1, 0.45)
+    # lr 1e-3 learns nothing but keeps all general ability: best criterion, not eligible
+    rows = [(0.0, g0, 1e-3), (op_hi, 0.5 * g0, 3e-3), (0.9 * op_hi, 0.2 * g0, 1e-2)]
+    scored = [(criterion(op, ga, g0), op, lr) for op, ga, lr in rows]
+    assert max(scored)[2] == 1e-3
+    assert select(scored) == 3e-3
+    with pytest.raises(ValueError, match="empty"):
+        select([])

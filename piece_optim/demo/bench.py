@@ -65,7 +65,7 @@ class DemoConfig:
     calib_batches: int = 16
     lora_r: int = 8
     lr: dict[str, float] = field(
-        default_factory=lambda: {"full": 3e-4, "lora": 3e-3, "sparse": 1e-2}
+        default_factory=lambda: {"full": 1e-4, "lora": 1e-3, "sparse": 3e-3}
     )
     exclude: tuple[str, ...] = ("embed", "lm_head")
     n_general: int = 48
@@ -79,7 +79,7 @@ def preset(name: str) -> DemoConfig:
     if name == "default":
         return DemoConfig()
     if name == "quick":
-        return DemoConfig(steps=80, n_eval=60, n_train=1000, calib_batches=8, n_general=32)
+        return DemoConfig(steps=60, n_eval=40, n_train=1000, calib_batches=4, n_general=24)
     if name == "tiny":
         return DemoConfig(
             size="tiny",
