@@ -15,7 +15,7 @@ below half the family's best ``OP_val`` is not eligible.  Without it the first g
 picked sparse lr 1e-3, at which PIECE-S learned none of the tasks (OP 0) and so kept
 the most general ability; "learns nothing" is not a setting anyone would deploy.  The
 defaults in :func:`piece_optim.demo.bench.preset` come from
-``piece-optim demo --tune`` (the grid is reported in docs/demo_section.md).
+``piece-optim demo --tune`` (the grid is reported in the README's demo section).
 """
 
 from __future__ import annotations
