@@ -38,8 +38,13 @@ def _bump(*ts: Tensor | None) -> None:
 
 
 def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
-    # "no tensor" in the ops' mutable lists is a 0-element tensor (see csrc/ops.cpp)
+    # "no tensor" in the ops' mutable lists is a 0-element tensor (see csrc/ops.cpp); a
+    # fresh one each time: entries of a mutable list must not alias one another
     return t if t is not None else like.new_empty(0)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t if t.dim() == 1 else t.view(-1)
 
 
 def _flat_ok(t: Tensor | None, n: int, dtypes: tuple) -> bool:
@@ -265,7 +270,7 @@ class _ExtBackend(Backend):
             # the same double expressions as _reference.adamw_step_
             bias_correction1 = 1 - beta1**s
             bias_correction2 = 1 - beta2**s
-            vals = (p, g, i, m.view(-1), v.view(-1), _or_empty(w, m).view(-1),
+            vals = (p, g, i, _flat(m), _flat(v), _flat(_or_empty(w, m)),
                     lr / bias_correction1, math.sqrt(bias_correction2))  # fmt: skip
             for lst, val in zip(lists, vals, strict=True):
                 lst.append(val)

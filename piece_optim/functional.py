@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ._backends import Backend, get_backend
@@ -43,8 +44,11 @@ def sparse_adamw(
     fp32.  Tensors are grouped by backend (one batched call each).
     """
     groups: dict[int, tuple[Backend, list[int]]] = {}
+    by_device: dict[torch.device, Backend] = {}  # resolve once per device, not per tensor
     for i, p in enumerate(params):
-        be = get_backend(backend, p.device)
+        be = by_device.get(p.device)
+        if be is None:
+            be = by_device[p.device] = get_backend(backend, p.device)
         groups.setdefault(id(be), (be, []))[1].append(i)
     for be, ids in groups.values():
         be.adamw_step_many_(

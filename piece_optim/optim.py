@@ -272,7 +272,7 @@ class SparseAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, idxs, ms, vs, masters, steps = [], [], [], [], [], [], []
+            params, grads, idxs, ms, vs, masters, step_ts = [], [], [], [], [], [], []
             for p in group["params"]:
                 grad = self._sparse_bufs.get(p) if self.sparse_grads else p.grad
                 if p not in self._selection or grad is None:
@@ -280,16 +280,18 @@ class SparseAdamW(Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
                 state = self.state[p] or self._init_state(p)
-                state["step"] += 1
+                step_ts.append(state["step"])
                 params.append(local_tensor(p))
                 grads.append(local_tensor(grad))
                 idxs.append(state.get("idx"))
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
                 masters.append(state.get("master"))
-                steps.append(int(state["step"].item()))
             if not params:
                 continue
+            # one call for every counter (as torch's foreach/fused AdamW do), not one per param
+            torch._foreach_add_(step_ts, 1)
+            steps = [int(t.item()) for t in step_ts]
             lr = group["lr"]
             beta1, beta2 = group["betas"]
             sparse_adamw(
