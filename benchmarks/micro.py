@@ -125,7 +125,8 @@ def _bench_n(n: int, names: Sequence[str], ratios: Sequence[float],
         k = _k_for(n, ratio)
         if "select" in benchmarks:
             base[f"topk{ratio}"] = time_fn(
-                lambda k=k: torch.topk(ref.score(sum_g, sum_g2, "piece-s", 1.0), k), **kw)
+                lambda k=k: torch.topk(ref.score(sum_g, sum_g2, "piece-s", 1.0), k), **kw
+            )
             if device.type == "cuda" and n > KTHVALUE_CUDA_MAX_N:
                 print(f"  (skipping the torch.kthvalue baseline at N={n} on CUDA: it runs one "
                       "thread block per slice, far too slow for this check)")  # fmt: skip

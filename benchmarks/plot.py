@@ -95,7 +95,7 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
         nrows = -(-len(names) // ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows),
                                  squeeze=False)  # fmt: skip
-        for ax in axes.flat[len(names):]:
+        for ax in axes.flat[len(names) :]:
             ax.set_visible(False)
         for ax, bench in zip(axes.flat, names, strict=False):  # more axes than panels
             sel = [r for r in micro if r["benchmark"] == bench and r["ratio"] in ("", ratio)]

@@ -198,8 +198,15 @@ def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
             continue
         table, prog_t, prog_s = [], [], []
         for t, (_, (p, g, i, m, v, w, k)) in enumerate(items):
-            table += [p.data_ptr(), g.data_ptr(), (i if i is not None else m).data_ptr(),
-                      m.data_ptr(), v.data_ptr(), (w if w is not None else m).data_ptr(), k]
+            table += [
+                p.data_ptr(),
+                g.data_ptr(),
+                (i if i is not None else m).data_ptr(),
+                m.data_ptr(),
+                v.data_ptr(),
+                (w if w is not None else m).data_ptr(),
+                k,
+            ]
             starts = range(0, k, BLOCK)
             prog_t += [t] * len(starts)
             prog_s += list(starts)

@@ -43,13 +43,14 @@ def _jit_build() -> str:
         import csrc_build
     finally:
         sys.path.pop(0)
-    cache = Path(
-        os.environ.get("PIECE_OPTIM_CACHE", Path.home() / ".cache" / "piece_optim")
-    ) / f"torch-{torch.__version__}"
+    cache = (
+        Path(os.environ.get("PIECE_OPTIM_CACHE", Path.home() / ".cache" / "piece_optim"))
+        / f"torch-{torch.__version__}"
+    )
     cache.mkdir(parents=True, exist_ok=True)
     log.warning(
-        "piece_optim: the compiled extension is missing; building it once into %s "
-        "(about a minute)", cache
+        "piece_optim: the compiled extension is missing; building it once into %s (about a minute)",
+        cache,
     )
     cpp_extension.load(
         name="piece_optim_C",
@@ -131,6 +132,20 @@ def _register_fakes() -> None:
         return sum_g2.new_empty(ctx.new_dynamic_size(), dtype=index_dtype), ctx.new_dynamic_size()
 
     @reg(lib + "adamw_step_many_")
-    def _adamw(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, step_sizes, bc2_sqrts, lr,
-               beta1, beta2, eps, weight_decay, grad_is_sparse):  # noqa: ANN001, ANN202
+    def _adamw(
+        params,
+        grads,
+        idxs,
+        exp_avgs,
+        exp_avg_sqs,
+        masters,
+        step_sizes,
+        bc2_sqrts,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        grad_is_sparse,
+    ):  # noqa: ANN001, ANN202
         return None

@@ -100,8 +100,9 @@ class _ExtBackend(Backend):
             else:
                 super().accumulate_(g, s1, s2)
         if ok_g:
-            self._ops.accumulate_many_(ok_g, [_or_empty(t, s) for t, s in zip(ok_1, ok_2,
-                                                                            strict=True)], ok_2)
+            self._ops.accumulate_many_(
+                ok_g, [_or_empty(t, s) for t, s in zip(ok_1, ok_2, strict=True)], ok_2
+            )
             _bump(*ok_1, *ok_2)
 
     def _score_ok(self, sum_g: Tensor | None, sum_g2: Tensor, method: str) -> bool:

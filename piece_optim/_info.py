@@ -17,8 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     print(
-        f"piece-optim {__version__}, torch {torch.__version__}, "
-        f"python {platform.python_version()}"
+        f"piece-optim {__version__}, torch {torch.__version__}, python {platform.python_version()}"
     )
     dev = torch.device(args.device)
     for name in BACKENDS:

@@ -141,4 +141,3 @@ def _tie_quota(sources, method, eps, thr, take_eq, n_eq_global, share_ties):
         for s in sources
     ]
     return share_ties(local_eq, take_eq)
-

@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     nrows = 0
     with tqdm(total=total, desc="piece-optim bench", unit="run") as bar:
+
         def tick(label: str) -> None:
             bar.set_postfix_str(label, refresh=False)
             bar.update()

@@ -136,8 +136,7 @@ class SparseAdamW(Optimizer):
                 self._mask_by_param = dict(mask)
             else:
                 raise TypeError(
-                    "mask must map parameter names (str) or parameter tensors to indices, "
-                    "not a mix"
+                    "mask must map parameter names (str) or parameter tensors to indices, not a mix"
                 )
         else:
             raise TypeError(

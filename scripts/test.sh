@@ -56,4 +56,5 @@ done
 
 echo "== ruff"
 $PY -m ruff check .
+$PY -m ruff format --check .
 echo "== all test stages passed"

@@ -265,7 +265,8 @@ def test_bench_quick_writes_rows_and_plots(tmp_path: Path, monkeypatch) -> None:
             gbps = 32 * int(r["k"]) / (float(r["time_ms"]) * 1e-3) / 1e9
             assert float(r["gbps"]) == pytest.approx(gbps, rel=CSV_RTOL)
             assert float(r["frac_of_copy"]) == pytest.approx(
-                float(r["gbps"]) / float(r["copy_gbps"]), rel=CSV_RTOL)
+                float(r["gbps"]) / float(r["copy_gbps"]), rel=CSV_RTOL
+            )
         if r["benchmark"] == "e2e_train_step":
             assert r["throughput_unit"] == "tokens/s"
             assert float(r["throughput"]) > 0

@@ -142,7 +142,7 @@ def test_global_topk_values_spanning_bins(seed):
     """Values in the same top-16-bit bin and across many bins, denormals included."""
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(3001, generator=g) * 1e-3
-    b = (1.0 + torch.rand(997, generator=g) * 2**-10)  # same top bits, differ in low bits
+    b = 1.0 + torch.rand(997, generator=g) * 2**-10  # same top bits, differ in low bits
     c = torch.rand(513, generator=g) * 1e-40  # denormals
     for k in (1, 100, 997, 1500, 4511):
         got = global_topk(_sources([a, b, c]), k, "piece-f", 1.0)

@@ -403,8 +403,13 @@ def test_adamw_matches_reference(be, seed, pdtype, gdtype, use_master, mode):
         for step in range(1, 8):
             p_old, w_old = p_r.clone(), (w_r.clone() if w_r is not None else None)
             beta1 = (0.9, 0.3, 0.5)[step % 3]  # 1-beta1 < 0.5 and >= 0.5: both lerp forms
-            hyper = dict(lr=1e-3 / step, beta1=beta1, beta2=(0.999, 0.95)[step % 2],
-                         eps=1e-8 if step < 5 else 1e-3, weight_decay=0.1 * (step % 3))
+            hyper = dict(
+                lr=1e-3 / step,
+                beta1=beta1,
+                beta2=(0.999, 0.95)[step % 2],
+                eps=1e-8 if step < 5 else 1e-3,
+                weight_decay=0.1 * (step % 3),
+            )
             if mode == "sparse_grad":
                 g = rnd(k, gen, gdtype, spread=6)
             else:
@@ -607,8 +612,13 @@ def test_sparse_adamw_triton_equals_torch(seed, no_env_backend, dtype, tmp_path)
     tols = {key: WeightTol() for name in pt for key in (name, name + ".master")}
     for step, (x, y) in enumerate(batches(8, seed), 1):
         old = {name: p.detach().clone() for name, p in pr.items()}
-        old.update({n + ".master": opts["torch"].state[p]["master"].clone()
-                    for n, p in pr.items() if "master" in opts["torch"].state.get(p, {})})
+        old.update(
+            {
+                n + ".master": opts["torch"].state[p]["master"].clone()
+                for n, p in pr.items()
+                if "master" in opts["torch"].state.get(p, {})
+            }
+        )
         for o in opts.values():
             o.zero_grad()
         models["torch"].loss(x.to(DEV), y.to(DEV)).backward()

@@ -305,8 +305,13 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
     for p1, p2 in zip(opt.selected_params(), opt2.selected_params(), strict=True):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             check(torch.equal(opt.state[p1][key], opt2.state[p2][key]), f"resumed state {key}")
-    return {"fsdp_max_rel_diff": w, "fsdp_max_update_rel_diff": u, "fsdp_mid_rel_diff": w_mid,
-            "fsdp_local_k": mask.numel_selected(), "dcp_resume_exact": True}
+    return {
+        "fsdp_max_rel_diff": w,
+        "fsdp_max_update_rel_diff": u,
+        "fsdp_mid_rel_diff": w_mid,
+        "fsdp_local_k": mask.numel_selected(),
+        "dcp_resume_exact": True,
+    }
 
 
 def scenario_fsdp_dense(seed: int, data) -> dict:
