@@ -52,6 +52,7 @@ setup(
     ],
     package_dir={"piece_optim": "piece_optim", "piece_optim.kernels": "kernels"},
     include_package_data=True,
+    package_data={"piece_optim.demo": ["weights/*.safetensors"]},
     install_requires=[
         "torch>=2.6",
         "numpy",

@@ -106,3 +106,28 @@ def test_tuning_select_skips_lrs_that_learn_nothing(seed):
     assert select(scored) == 3e-3
     with pytest.raises(ValueError, match="empty"):
         select([])
+
+
+def test_shipped_weights_match_the_default_config(tmp_path, monkeypatch):
+    """The default preset finds its shipped weights; any other configuration does not."""
+    from piece_optim.demo.model import pretrained_model, shipped_weights
+
+    cfg = preset("default")
+    path = shipped_weights(cfg.size, cfg.pretrain_steps, cfg.batch, 128, cfg.seed)
+    assert path is not None, "piece_optim/demo/weights/ lacks the default model"
+    assert shipped_weights(cfg.size, cfg.pretrain_steps + 1, cfg.batch, 128, cfg.seed) is None
+    assert shipped_weights(cfg.size, cfg.pretrain_steps, cfg.batch, 128, cfg.seed + 1) is None
+    # an empty cache loads the shipped weights instead of pretraining (no steps run)
+    monkeypatch.setenv("PIECE_OPTIM_CACHE", str(tmp_path / "cache"))
+    corpus = {"train": torch.randint(0, 256, (4096,), dtype=torch.uint8)}
+    model, info = pretrained_model(cfg.size, corpus, cfg.pretrain_steps, seed=cfg.seed,
+                                   progress=False)  # fmt: skip
+    assert info["cached"] == "shipped"
+    fresh = build_model(cfg.size, cfg.seed)
+    # trained weights, not the initialisation
+    pairs = zip(model.parameters(), fresh.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    # use_cache=False (--no-cache) never takes them: it pretrains (1 step here)
+    _, info = pretrained_model(cfg.size, corpus, 1, seed=cfg.seed, use_cache=False,
+                               progress=False)  # fmt: skip
+    assert info["cached"] is False

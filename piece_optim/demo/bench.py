@@ -54,7 +54,7 @@ class DemoConfig:
     """Everything that defines a run.  ``preset()`` gives the default / quick / tiny ones."""
 
     size: str = "small"
-    pretrain_steps: int = 300
+    pretrain_steps: int = 1500
     tasks: tuple[str, ...] = ("sentiment", "topic", "parity")
     n_train: int = 2000
     n_eval: int = 100
@@ -308,6 +308,9 @@ def setup(cfg: DemoConfig, progress: bool = True) -> tuple[nn.Module, list[TaskD
     return model, tasks, windows, info
 
 
+_ORIGIN = {True: "loaded from cache", "shipped": "shipped weights", False: "trained"}
+
+
 def run_benchmark(
     cfg: DemoConfig,
     methods: tuple[str, ...] = METHODS,
@@ -322,7 +325,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     base, tasks, windows, info = setup(cfg, progress)
     log(
-        f"pretrained model: {'loaded from cache' if info['cached'] else 'trained'} "
+        f"pretrained model: {_ORIGIN[info['cached']]} "
         f"({info['path']}), {sum(p.numel() for p in base.parameters()):,} parameters"
     )
     g0 = next_token_accuracy(base, windows["test"])

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-cache",
         action="store_true",
-        help="pretrain again instead of loading ~/.cache/piece_optim",
+        help="pretrain again instead of loading the shipped weights or ~/.cache/piece_optim",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(

@@ -24,7 +24,7 @@ from .bench import DemoConfig, run_method, setup
 from .model import next_token_accuracy
 
 GRID: dict[str, tuple[float, ...]] = {
-    "full": (1e-4, 3e-4, 1e-3),
+    "full": (3e-5, 1e-4, 3e-4),
     "lora": (1e-3, 3e-3, 1e-2),
     "sparse": (1e-3, 3e-3, 1e-2),
 }
