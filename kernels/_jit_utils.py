@@ -82,3 +82,25 @@ def launch_opts(t: torch.Tensor) -> dict:
     """Launch options: on GPUs forbid the compiler's own mul+add -> fma contraction, so the
     only fmas are the explicit ``tl.fma`` calls that mirror torch's kernels."""
     return {"enable_fp_fusion": False} if t.device.type == "cuda" else {}
+
+
+def score_source(
+    scores: torch.Tensor | None,
+    sum_g: torch.Tensor | None,
+    sum_g2: torch.Tensor | None,
+    method: str | None,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(MODE, sc, g, g2)`` pointers for :func:`load_score`: an fp32 ``scores`` tensor, or
+    the sums with ``method`` (the unused pointers alias a used one)."""
+    if scores is not None:
+        x = scores.reshape(-1).contiguous()
+        if x.dtype != torch.float32:
+            raise ValueError(f"scores must be fp32, got {x.dtype}")
+        return SCORE_RAW, x, x, x
+    if sum_g2 is None or method not in SCORE_MODES:
+        raise ValueError("pass scores, or sum_g2 (and sum_g for piece-s) with method=")
+    if method == "piece-s" and sum_g is None:
+        raise ValueError("piece-s needs sum_g; the estimator was built without it")
+    c = sum_g2.reshape(-1).contiguous()
+    b = sum_g.reshape(-1).contiguous() if sum_g is not None else c
+    return SCORE_MODES[method], c, b, c

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._jit_utils import SCORE_MODES, SCORE_RAW, launch_opts, load_score, uint_bits
+from ._jit_utils import launch_opts, load_score, score_source, uint_bits
 
 BLOCK = 1024
 
@@ -67,20 +67,7 @@ def compact_triton(
     ``scores`` or those of ``(sum_g, sum_g2)`` under ``method``."""
     if index_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
-    if scores is not None:
-        x = scores.reshape(-1).contiguous()
-        if x.dtype != torch.float32:
-            raise ValueError(f"scores must be fp32, got {x.dtype}")
-        mode, a, b, c = SCORE_RAW, x, x, x
-    else:
-        if sum_g2 is None or method not in SCORE_MODES:
-            raise ValueError("pass scores, or sum_g2 (and sum_g for piece-s) with method=")
-        if method == "piece-s" and sum_g is None:
-            raise ValueError("piece-s needs sum_g; the estimator was built without it")
-        mode = SCORE_MODES[method]
-        c = sum_g2.reshape(-1).contiguous()
-        b = sum_g.reshape(-1).contiguous() if sum_g is not None else c
-        a = c
+    mode, a, b, c = score_source(scores, sum_g, sum_g2, method)
     n = c.numel()
     if index_dtype == torch.int32 and n > 2**31:
         raise ValueError(f"{n} elements cannot be addressed with int32 indices; use int64")

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._jit_utils import SCORE_MODES, SCORE_RAW, launch_opts, load_score, uint_bits
+from ._jit_utils import launch_opts, load_score, score_source, uint_bits
 
 BLOCK = 1024
 
@@ -65,20 +65,7 @@ def histogram_triton(
 ) -> None:
     """Add one histogram pass into ``hist``: over ``scores``, or over the scores of
     ``(sum_g, sum_g2)`` with ``method`` computed on the fly."""
-    if scores is not None:
-        x = scores.reshape(-1).contiguous()
-        if x.dtype != torch.float32:
-            raise ValueError(f"scores must be fp32, got {x.dtype}")
-        mode, a, b, c = SCORE_RAW, x, x, x
-    else:
-        if sum_g2 is None or method not in SCORE_MODES:
-            raise ValueError("pass scores, or sum_g2 (and sum_g for piece-s) with method=")
-        mode = SCORE_MODES[method]
-        c = sum_g2.reshape(-1)
-        if mode == SCORE_MODES["piece-s"] and sum_g is None:
-            raise ValueError("piece-s needs sum_g; the estimator was built without it")
-        b = sum_g.reshape(-1) if sum_g is not None else c
-        a = c
+    mode, a, b, c = score_source(scores, sum_g, sum_g2, method)
     n = c.numel()
     _check_hist(hist, c.device)
     if n == 0:
