@@ -72,13 +72,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIECE_OPTIM_CACHE", Path.home() / ".cache" / "piece_optim"))
 
 
+PRETRAIN_LR = 2e-3
+
+
 def pretrain(
     model: nn.Module,
     train: Tensor,
     steps: int,
     batch: int,
     seq_len: int,
-    lr: float = 2e-3,
+    lr: float = PRETRAIN_LR,
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
@@ -114,7 +117,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 def shipped_config(size: str, steps: int, batch: int, seq_len: int, seed: int) -> dict:
     """What a shipped weights file must have been trained with to be used."""
     return {"size": asdict(SIZES[size]), "steps": steps, "batch": batch, "seq_len": seq_len,
-            "seed": seed, "lr": 2e-3}  # fmt: skip
+            "seed": seed, "lr": PRETRAIN_LR}  # fmt: skip
 
 
 def shipped_weights(size: str, steps: int, batch: int, seq_len: int, seed: int) -> Path | None:
@@ -178,15 +181,12 @@ def pretrained_model(
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     path = cache_dir() / "demo" / f"{size}-{key}.safetensors"
     model = build_model(size, seed)
-    if use_cache and path.exists():
-        model.load_state_dict(load_file(str(path)))
-        model.eval()
-        return model, {"cached": True, "path": str(path)}
-    shipped = shipped_weights(size, steps, batch, seq_len, seed)
-    if use_cache and shipped is not None:
-        model.load_state_dict(load_file(str(shipped)))
-        model.eval()
-        return model, {"cached": "shipped", "path": str(shipped)}
+    if use_cache:  # a model pretrained here first, then the shipped one
+        src = path if path.exists() else shipped_weights(size, steps, batch, seq_len, seed)
+        if src is not None:
+            model.load_state_dict(load_file(str(src)))
+            model.eval()
+            return model, {"cached": True if src == path else "shipped", "path": str(src)}
     losses = pretrain(model, corpus["train"], steps, batch, seq_len, seed=seed, progress=progress)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
