@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from piece_optim.cli import main
-from piece_optim.demo.bench import METHODS, op_bwt, preset, random_mask
+from piece_optim.demo.methods import METHODS, op_bwt, preset, random_mask
 from piece_optim.demo.data import IGNORE, NEWLINE, collate, decode, encode, make_task
 from piece_optim.demo.model import build_model
 

@@ -133,7 +133,7 @@ def _full_checkpoint_bytes(model_state: dict) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import METHODS, preset, run_benchmark, with_overrides
+    from .methods import METHODS, preset, run_benchmark, with_overrides
 
     name = args.preset or ("quick" if args.quick else "default")
     try:

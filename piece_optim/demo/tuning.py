@@ -14,13 +14,13 @@ comparison fair.  One guard, also the same for every family: an lr whose ``OP_va
 below half the family's best ``OP_val`` is not eligible.  Without it the first grid run
 picked sparse lr 1e-3, at which PIECE-S learned none of the tasks (OP 0) and so kept
 the most general ability; "learns nothing" is not a setting anyone would deploy.  The
-defaults in :func:`piece_optim.demo.bench.preset` come from
+defaults in :func:`piece_optim.demo.methods.preset` come from
 ``piece-optim demo --tune`` (the grid is reported in the README's demo section).
 """
 
 from __future__ import annotations
 
-from .bench import DemoConfig, run_method, setup
+from .methods import DemoConfig, run_method, setup
 from .model import next_token_accuracy
 
 GRID: dict[str, tuple[float, ...]] = {
