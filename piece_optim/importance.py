@@ -4,20 +4,49 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ._backends import Backend, get_backend, validate_backend_name
 from ._reference import index_dtype_for
-from ._select import ScoreSource, global_topk
+from ._select import ScoreSource, TopkInfo, global_topk_info, kth_largest
 from .distributed import estimator_group, local_tensor, topk_hooks
 from .mask import SparseMask
 
 METHODS = {"piece-f": "piece-f", "fisher": "piece-f", "piece-s": "piece-s",
            "second-order": "piece-s"}  # fmt: skip
 _ACCUM_DTYPES = (torch.float32, torch.bfloat16)
+
+# eps="auto" = EPS_AUTO_FRACTION x the EPS_AUTO_QUANTILE-quantile of the eligible entries'
+# nonzero sum g^2 (with a reference: of the whole denominator).  See ImportanceEstimator.
+EPS_AUTO_QUANTILE = 0.5
+EPS_AUTO_FRACTION = 1.0
+# select() calls PIECE-S saturated when its threshold is within this fraction of the
+# score's ceiling sqrt(T): then the top-k is decided by fp32 rounding, not importance.
+_SATURATION_TOL = 1e-3
+# select() warns when more than this fraction of k was picked by position among equal scores.
+_POSITION_WARN_FRACTION = 0.01
+
+
+class SelectionWarning(UserWarning):
+    """select() found a mask decided by something other than importance (see the message)."""
+
+
+@dataclass(frozen=True)
+class SelectionInfo(TopkInfo):
+    """:class:`~piece_optim._select.TopkInfo` plus the eps used and the saturation flag.
+
+    ``saturated`` (PIECE-S): the k-th largest score is within 0.1% of the ceiling
+    ``sqrt(T)`` (T = terms collected), which every entry whose T gradient terms are equal
+    approaches when eps is far below its sum of squares.
+    """
+
+    eps: float = 0.0
+    saturated: bool = False
 
 
 class ImportanceEstimator:
@@ -31,10 +60,25 @@ class ImportanceEstimator:
     * ``"piece-s"`` (alias ``"second-order"``):
       :math:`S_i = |\sum_b g_{b,i}| / \sqrt{\sum_b g_{b,i}^2 + \epsilon}`
 
+    What eps means.  :math:`S_i \le \sqrt{T}` (T terms), and the score has two degenerate
+    limits.  eps far above :math:`\sum g^2` (the paper's 1.0 with the tiny gradient sums of
+    most models): :math:`S \approx |\sum g| / \sqrt{\epsilon}`, a first-moment magnitude
+    that ranks like :math:`|\sum g|`.  eps far below it: S is a signal-to-noise ratio that
+    every entry with consistent gradients pushes to :math:`\sqrt{T}`, so the top-k is
+    decided by fp32 rounding (measured on the demo's 0.9M LLaMA, T = 16, eps = 1e-8: the
+    1% threshold was 3.998 of a ceiling of 4, and the mask shared 7% of its entries with
+    the top :math:`|\sum g|`).  ``eps="auto"`` puts eps on the scale of the sums:
+    ``EPS_AUTO_FRACTION`` (1.0) x the ``EPS_AUTO_QUANTILE`` (0.5) quantile of the eligible
+    entries' nonzero :math:`\sum g^2`, found exactly by the selection's histogram passes
+    (no sort, no copy) every time scores or a mask are computed; an entry whose
+    :math:`\sum g^2` is below that is ranked by magnitude, one above it by consistency.
+    :meth:`resolved_eps` gives the value.  See the demo's docs for the measurements.
+
     Args:
         model: the module whose parameters are scored.
         method: see above.
-        eps: the :math:`\epsilon` of PIECE-S (>= 0; 1.0 as in the paper).
+        eps: the :math:`\epsilon` of PIECE-S: a float >= 0 (1.0 as in the paper) or
+            ``"auto"`` (see above).  Unused by PIECE-F.
         exclude: substrings of parameter names never selected (default: embeddings, as in
             the paper).  Excluded parameters still count in the total that ``ratio`` is
             taken of.
@@ -65,8 +109,15 @@ class ImportanceEstimator:
                 f"method={method!r} is unknown; choose 'piece-f' (alias 'fisher') or 'piece-s' "
                 "(alias 'second-order')"
             )
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"eps={eps!r} must be a finite number >= 0 (the paper uses 1.0)")
+        if eps != "auto" and (
+            isinstance(eps, (str, bool))
+            or not isinstance(eps, (int, float))
+            or not math.isfinite(eps)
+            or eps < 0
+        ):
+            raise ValueError(
+                f"eps={eps!r} must be a finite number >= 0 (the paper uses 1.0) or 'auto'"
+            )
         if isinstance(exclude, str):
             exclude = (exclude,)
         if accum_dtype not in _ACCUM_DTYPES:
@@ -74,7 +125,8 @@ class ImportanceEstimator:
                 f"accum_dtype={accum_dtype} is not supported; use torch.float32 or torch.bfloat16"
             )
         self.method = METHODS[method]
-        self.eps = float(eps)
+        self.eps: float | str = eps if eps == "auto" else float(eps)
+        self.last_selection: SelectionInfo | None = None
         self.exclude = tuple(exclude)
         self.in_backward = bool(in_backward)
         self.accum_dtype = accum_dtype
@@ -210,24 +262,33 @@ class ImportanceEstimator:
         return self._terms
 
     # -- results ------------------------------------------------------------------------
-    def _sources(self) -> list[tuple[str, ScoreSource]]:
+    def _sources(
+        self,
+        reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
+        weight: float = 1.0,
+    ) -> list[tuple[str, ScoreSource]]:
         self._check_open()
         if not self._sum_g2:
             raise RuntimeError(
                 "no gradients were collected yet: run backward() and collect() on the "
                 "calibration batches first"
             )
+        ref = self._reference_fisher(reference, weight)
         out = []
         for name, p in self._params.items():
             if name not in self._sum_g2:
                 # a parameter that never received a gradient has importance 0
                 self._accumulators(name, p)
+            sum_g2 = self._sum_g2[name]
+            if ref is not None:
+                # one fp32 temporary per eligible entry while scores / select() run
+                sum_g2 = sum_g2.float().add_(ref[name], alpha=weight * self._terms)
             out.append(
                 (
                     name,
                     ScoreSource(
                         self._sum_g.get(name),
-                        self._sum_g2[name],
+                        sum_g2,
                         local_tensor(p).numel(),
                         index_dtype_for(local_tensor(p).numel()),
                         self._backend_for(p),
@@ -236,22 +297,135 @@ class ImportanceEstimator:
             )
         return out
 
-    def scores(self) -> dict[str, Tensor]:
-        """``{name: fp32 score tensor shaped like the param}``; excluded names are absent."""
+    def _reference_fisher(
+        self, reference: ImportanceEstimator | Mapping[str, Tensor] | None, weight: float
+    ) -> dict[str, Tensor] | None:
+        """Flat fp32 per-term Fisher of the reference for every eligible name, or None."""
+        if reference is None:
+            return None
+        if self.method != "piece-s":
+            raise ValueError(
+                "reference= needs method='piece-s': the reference Fisher joins the "
+                "denominator of the PIECE-S score (PIECE-F has none)"
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"reference_weight must be a float >= 0, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"reference_weight={weight!r} must be a finite number >= 0")
+        if isinstance(reference, ImportanceEstimator):
+            if reference is self:
+                raise ValueError("reference= must be another estimator (or a Fisher dict)")
+            reference = reference.fisher()
+        if not isinstance(reference, Mapping):
+            raise TypeError(
+                "reference must be an ImportanceEstimator or a {name: tensor} Fisher dict "
+                f"(e.g. est.fisher()), got {type(reference).__name__}"
+            )
         out = {}
-        for name, src in self._sources():
-            s = src.backend.score(src.sum_g, src.sum_g2, self.method, self.eps)
+        for name, p in self._params.items():
+            if name not in reference:
+                raise KeyError(
+                    f"reference has no Fisher for parameter {name!r}; estimate it on the same "
+                    "model with exclude= no wider than this estimator's"
+                )
+            f = reference[name]
+            n = local_tensor(p).numel()
+            if f.numel() != n:
+                raise ValueError(
+                    f"reference Fisher for {name!r} has {f.numel()} entries, the parameter "
+                    f"{n} (local shard under FSDP2)"
+                )
+            out[name] = local_tensor(f).detach().reshape(-1).to(p.device, torch.float32)
+        return out
+
+    def fisher(self) -> dict[str, Tensor]:
+        r"""``{name: fp32 tensor shaped like the param}``: the per-term empirical Fisher
+        :math:`\sum_b g_b^2 / T`, e.g. to keep as the ``reference=`` of later selections."""
+        if self._terms == 0:
+            raise RuntimeError("fisher(): no gradients were collected yet")
+        out = {}
+        for name, p in self._params.items():
+            s2 = self._accumulators(name, p)[1]
+            out[name] = (s2.float() / self._terms).view(self._shapes[name])
+        return out
+
+    def _resolve_eps(self, sources: list[ScoreSource]) -> float:
+        if self.eps != "auto":
+            return float(self.eps)
+
+        def k_of(h) -> int:
+            # top-16-bit bin 0 holds zeros (and denormals < 2**-119): no gradient signal
+            n_pos = int(h.sum()) - int(h[0])
+            return max(1, math.ceil((1 - EPS_AUTO_QUANTILE) * n_pos)) if n_pos else 1
+
+        value = kth_largest(sources, k_of, "piece-f", 0.0, **_reduce_only(self._group))
+        # all sums zero: every score is 0 whatever eps is; 1.0 keeps the division defined
+        return EPS_AUTO_FRACTION * value if value > 0 else 1.0
+
+    def resolved_eps(
+        self,
+        reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
+        reference_weight: float = 1.0,
+    ) -> float:
+        """The eps PIECE-S uses now: ``eps`` itself, or the value ``"auto"`` resolves to
+        for the sums collected so far (and the reference, if given)."""
+        return self._resolve_eps([s for _, s in self._sources(reference, reference_weight)])
+
+    def scores(
+        self,
+        reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
+        reference_weight: float = 1.0,
+    ) -> dict[str, Tensor]:
+        """``{name: fp32 score tensor shaped like the param}``; excluded names are absent.
+
+        ``reference``: see :meth:`select`.
+        """
+        sources = self._sources(reference, reference_weight)
+        eps = self._resolve_eps([s for _, s in sources])
+        out = {}
+        for name, src in sources:
+            s = src.backend.score(src.sum_g, src.sum_g2, self.method, eps)
             out[name] = s.view(self._shapes[name])
         return out
 
-    def select(self, ratio: float | None = None, *, k: int | None = None) -> SparseMask:
-        """The global top-k mask: ``k = int(ratio * total trainable numel)``, or ``k`` given.
+    def select(
+        self,
+        ratio: float | None = None,
+        *,
+        k: int | None = None,
+        tie_break: str = "magnitude",
+        reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
+        reference_weight: float = 1.0,
+    ) -> SparseMask:
+        r"""The global top-k mask: ``k = int(ratio * total trainable numel)``, or ``k`` given.
 
-        Ties at the threshold go to the lower global position (parameter order, then flat
-        index).  Exactly k entries are selected.
+        Exactly k entries are selected.  Ties at the threshold: ``tie_break="magnitude"``
+        (default) keeps, for PIECE-S, the larger :math:`|\sum g|` first (a tie there means
+        equal consistency, so the stronger signal wins); equal on that too, or PIECE-F, or
+        ``tie_break="position"``: the lower global position (parameter order, then flat
+        index).  Masks are deterministic and the same on every backend.
+        :attr:`last_selection` (a :class:`SelectionInfo`) says how the mask was decided;
+        a :class:`SelectionWarning` is raised when PIECE-S is saturated or when more than
+        1% of k was picked by position among equal scores.
+
+        Protective selection (``reference``, PIECE-S only; beyond the paper): importance
+        on reference data, i.e. data the model should keep doing well on (held-out
+        general text, or text sampled from the model itself: see
+        :func:`piece_optim.protect.sample_tokens`), joins the denominator:
+
+        .. math:: S_i = |\sum_b g_{b,i}| / \sqrt{\sum_b g_{b,i}^2 + w\,T\,F^{ref}_i + \epsilon}
+
+        with :math:`F^{ref} = \sum g_{ref}^2 / T_{ref}` (``reference.fisher()``; pass the
+        estimator or such a dict) and ``w = reference_weight``.  Squared, S is the loss
+        decrease of a Newton step on the task loss plus a quadratic (EWC-like) penalty
+        :math:`\tfrac{w}{2} \sum_i F^{ref}_i \delta_i^2` on the change, with curvature
+        taken as the Fisher: entries that the reference data are sensitive to score low.
+        With ``eps="auto"`` the quantile is taken of the whole denominator.
         """
         if (ratio is None) == (k is None):
             raise ValueError("select(): pass exactly one of ratio= (e.g. 1e-3) or k=")
+        if tie_break not in ("magnitude", "position"):
+            raise ValueError(f"select(): tie_break={tie_break!r} must be 'magnitude' or 'position'")
         if k is None:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
                 raise TypeError(f"select(): ratio must be a float in (0, 1], got {ratio!r}")
@@ -265,7 +439,7 @@ class ImportanceEstimator:
                 )
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"select(): k={k!r} must be a positive int")
-        sources = self._sources()
+        sources = self._sources(reference, reference_weight)
         eligible = sum(p.numel() for p in self._params.values())  # global under FSDP2
         if k > eligible:
             raise ValueError(
@@ -274,13 +448,42 @@ class ImportanceEstimator:
                 "or the exclusions"
             )
         with torch.no_grad():
+            srcs = [s for _, s in sources]
+            eps = self._resolve_eps(srcs)
             hooks = topk_hooks(self._group)
             if hooks:  # FSDP2: ranks' shards differ in size, so pieces must match tensors
-                idxs = global_topk([s for _, s in sources], k, self.method, self.eps, **hooks)
+                idxs, info = global_topk_info(
+                    srcs, k, self.method, eps, tie_break=tie_break, **hooks
+                )
             else:
-                idxs = _chunked_topk([s for _, s in sources], k, self.method, self.eps)
+                idxs, info = _chunked_topk(srcs, k, self.method, eps, tie_break)
+        self.last_selection = self._report(info, eps)
         indices = {name: idx for (name, _), idx in zip(sources, idxs, strict=True) if idx.numel()}
         return SparseMask(indices, {n: self._shapes[n] for n in indices}, self._numel_total)
+
+    def _report(self, info: TopkInfo, eps: float) -> SelectionInfo:
+        ceiling = math.sqrt(self._terms)
+        saturated = self.method == "piece-s" and info.threshold >= (1 - _SATURATION_TOL) * ceiling
+        sel = SelectionInfo(**vars(info), eps=eps, saturated=saturated)
+        if saturated:
+            warnings.warn(
+                f"PIECE-S is saturated: the k-th largest score {info.threshold:.6g} is within "
+                f"{_SATURATION_TOL:.1%} of the ceiling sqrt(T) = {ceiling:.6g} (T = "
+                f"{self._terms} terms, eps = {eps:.3g}), so the mask is decided by rounding, "
+                "not importance. eps is far below the sums of squares: use eps='auto' (or an "
+                "eps on the scale of sum g^2)",
+                SelectionWarning,
+                stacklevel=3,
+            )
+        if info.n_by_position > _POSITION_WARN_FRACTION * info.k:
+            warnings.warn(
+                f"{info.n_by_position} of the k={info.k} selected entries were picked by "
+                f"position among {info.n_tied} equal scores ({info.threshold:.6g}): the mask "
+                "there reflects parameter order, not importance",
+                SelectionWarning,
+                stacklevel=3,
+            )
+        return sel
 
     # -- memory: bf16 accumulation with stochastic rounding ---------------------------------
     _bf16_stochastic = True  # False: the backend's round-to-nearest (benchmarks compare)
@@ -408,8 +611,15 @@ def _check_not_reentrant_checkpoint() -> None:
         f = f.f_back
 
 
-def _chunked_topk(sources: list[ScoreSource], k: int, method: str, eps: float) -> list[Tensor]:
-    """:func:`global_topk` over sources split into chunks of ``_SELECT_CHUNK`` entries.
+def _reduce_only(group) -> dict:
+    hooks = topk_hooks(group)
+    return {"reduce_hist": hooks["reduce_hist"]} if hooks else {}
+
+
+def _chunked_topk(
+    sources: list[ScoreSource], k: int, method: str, eps: float, tie_break: str = "position"
+) -> tuple[list[Tensor], TopkInfo]:
+    """:func:`global_topk_info` over sources split into chunks of ``_SELECT_CHUNK`` entries.
 
     Why: a backend's histogram pass may build temporaries proportional to the tensor it
     scores (the pure-torch one: ~40 B per entry), so one 6M-entry lm_head alone added
@@ -429,13 +639,13 @@ def _chunked_topk(sources: list[ScoreSource], k: int, method: str, eps: float) -
                                       s.sum_g2[start:stop], stop - start, s.index_dtype,
                                       s.backend))  # fmt: skip
             owners.append((i, start))
-    idxs = global_topk(pieces, k, method, eps)
+    idxs, info = global_topk_info(pieces, k, method, eps, tie_break=tie_break)
     parts: list[list[Tensor]] = [[] for _ in sources]
     for (i, start), idx in zip(owners, idxs, strict=True):
         if idx.numel():
             parts[i].append(idx.to(sources[i].index_dtype) + start if start else idx)
-    return [
-        torch.cat(p) if len(p) > 1 else p[0] if p else
-        torch.empty(0, dtype=s.index_dtype, device=s.sum_g2.device)
-        for p, s in zip(parts, sources, strict=True)
-    ]  # fmt: skip
+    out = []
+    for p, s in zip(parts, sources, strict=True):
+        empty = torch.empty(0, dtype=s.index_dtype, device=s.sum_g2.device)
+        out.append(torch.cat(p) if len(p) > 1 else p[0] if p else empty)
+    return out, info

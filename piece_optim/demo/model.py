@@ -41,6 +41,7 @@ class ModelSize:
 
 SIZES: dict[str, ModelSize] = {
     "small": ModelSize(hidden=128, layers=4, heads=4, intermediate=384),
+    "medium": ModelSize(hidden=256, layers=6, heads=8, intermediate=768),
     "tiny": ModelSize(hidden=32, layers=2, heads=2, intermediate=64, max_len=128),
 }
 

@@ -52,7 +52,8 @@ def run_grid(
 ) -> dict:
     """Run the grid; returns ``{"general_before", "rows": [...], "best": {family: lr}}``."""
     grid = grid or GRID
-    base, tasks, windows, _ = setup(cfg, progress)
+    bench = setup(cfg, progress)
+    base, tasks, windows = bench.base, bench.tasks, bench.windows
     g0 = next_token_accuracy(base, windows["val"])
     rows, best = [], {}
     for fam, lrs in grid.items():
@@ -62,7 +63,15 @@ def run_grid(
         scored = []
         for lr in lrs:
             r = run_method(
-                method, base, tasks, cfg, windows["val"], split="val", lr=lr, progress=progress
+                method,
+                base,
+                tasks,
+                cfg,
+                windows["val"],
+                split="val",
+                lr=lr,
+                progress=progress,
+                general_text=bench.general_text,
             )
             c = criterion(r["op"], r["general_after"], g0)
             rows.append(
