@@ -282,7 +282,7 @@ class ImportanceEstimator:
             sum_g2 = self._sum_g2[name]
             if ref is not None:
                 # one fp32 temporary per eligible entry while scores / select() run
-                sum_g2 = sum_g2.float().add_(ref[name], alpha=weight * self._terms)
+                sum_g2 = torch.add(sum_g2.float(), ref[name], alpha=weight * self._terms)
             out.append(
                 (
                     name,

@@ -153,9 +153,12 @@ def run_pareto(
     path = out / "pareto.json"
     if resume and path.exists():
         old = json.loads(path.read_text())
-        if old.get("config") == data["config"] and old.get("split") == split:
+        same = json.loads(json.dumps(data["config"]))  # as stored: tuples become lists
+        if old.get("config") == same and old.get("split") == split:
             data["runs"] = old["runs"]
             log(f"resuming: {len(data['runs'])} runs already in {path}")
+        else:
+            log(f"not resuming: {path} holds another configuration; starting over")
     done = {(r["method"], r["lr"], r["seed"]) for r in data["runs"]}
     todo = [
         (m, lr, s)
