@@ -6,7 +6,7 @@ import math
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +42,13 @@ class SelectionInfo(TopkInfo):
 
     ``saturated`` (PIECE-S): the k-th largest score is within 0.1% of the ceiling
     ``sqrt(T)`` (T = terms collected), which every entry whose T gradient terms are equal
-    approaches when eps is far below its sum of squares.
+    approaches when eps is far below its sum of squares.  ``reference_scale``: the factor
+    c the reference Fisher was rescaled by (None without a reference).
     """
 
     eps: float = 0.0
     saturated: bool = False
+    reference_scale: float | None = None
 
 
 class ImportanceEstimator:
@@ -127,6 +129,7 @@ class ImportanceEstimator:
         self.method = METHODS[method]
         self.eps: float | str = eps if eps == "auto" else float(eps)
         self.last_selection: SelectionInfo | None = None
+        self._reference_scale: float | None = None
         self.exclude = tuple(exclude)
         self.in_backward = bool(in_backward)
         self.accum_dtype = accum_dtype
@@ -279,22 +282,30 @@ class ImportanceEstimator:
             if name not in self._sum_g2:
                 # a parameter that never received a gradient has importance 0
                 self._accumulators(name, p)
-            sum_g2 = self._sum_g2[name]
-            if ref is not None:
-                # one fp32 temporary per eligible entry while scores / select() run
-                sum_g2 = torch.add(sum_g2.float(), ref[name], alpha=weight * self._terms)
             out.append(
                 (
                     name,
                     ScoreSource(
                         self._sum_g.get(name),
-                        sum_g2,
+                        self._sum_g2[name],
                         local_tensor(p).numel(),
                         index_dtype_for(local_tensor(p).numel()),
                         self._backend_for(p),
                     ),
                 )
             )
+        self._reference_scale = None
+        if ref is not None:
+            # the reference rescaled so that its median nonzero entry equals the task sums'
+            refs = [replace(s, sum_g=None, sum_g2=ref[n]) for n, s in out]
+            med_ref = self._quantile_nonzero(refs, 0.5)
+            scale = self._quantile_nonzero([s for _, s in out], 0.5) / med_ref if med_ref else 0.0
+            self._reference_scale = scale
+            # one fp32 temporary per eligible entry while scores / select() run
+            out = [
+                (n, replace(s, sum_g2=torch.add(s.sum_g2.float(), ref[n], alpha=weight * scale)))
+                for n, s in out
+            ]
         return out
 
     def _reference_fisher(
@@ -349,16 +360,20 @@ class ImportanceEstimator:
             out[name] = (s2.float() / self._terms).view(self._shapes[name])
         return out
 
-    def _resolve_eps(self, sources: list[ScoreSource]) -> float:
-        if self.eps != "auto":
-            return float(self.eps)
+    def _quantile_nonzero(self, sources: list[ScoreSource], q: float) -> float:
+        """The exact q-quantile of the sources' nonzero sum_g2 (0.0 if all are zero)."""
 
         def k_of(h) -> int:
             # top-16-bit bin 0 holds zeros (and denormals < 2**-119): no gradient signal
             n_pos = int(h.sum()) - int(h[0])
-            return max(1, math.ceil((1 - EPS_AUTO_QUANTILE) * n_pos)) if n_pos else 1
+            return max(1, math.ceil((1 - q) * n_pos)) if n_pos else 1
 
-        value = kth_largest(sources, k_of, "piece-f", 0.0, **_reduce_only(self._group))
+        return kth_largest(sources, k_of, "piece-f", 0.0, **_reduce_only(self._group))
+
+    def _resolve_eps(self, sources: list[ScoreSource]) -> float:
+        if self.eps != "auto":
+            return float(self.eps)
+        value = self._quantile_nonzero(sources, EPS_AUTO_QUANTILE)
         # all sums zero: every score is 0 whatever eps is; 1.0 keeps the division defined
         return EPS_AUTO_FRACTION * value if value > 0 else 1.0
 
@@ -413,14 +428,22 @@ class ImportanceEstimator:
         general text, or text sampled from the model itself: see
         :func:`piece_optim.protect.sample_tokens`), joins the denominator:
 
-        .. math:: S_i = |\sum_b g_{b,i}| / \sqrt{\sum_b g_{b,i}^2 + w\,T\,F^{ref}_i + \epsilon}
+        .. math:: S_i = |\sum_b g_{b,i}| / \sqrt{\sum_b g_{b,i}^2 + w\,c\,F^{ref}_i + \epsilon}
 
         with :math:`F^{ref} = \sum g_{ref}^2 / T_{ref}` (``reference.fisher()``; pass the
-        estimator or such a dict) and ``w = reference_weight``.  Squared, S is the loss
-        decrease of a Newton step on the task loss plus a quadratic (EWC-like) penalty
-        :math:`\tfrac{w}{2} \sum_i F^{ref}_i \delta_i^2` on the change, with curvature
-        taken as the Fisher: entries that the reference data are sensitive to score low.
-        With ``eps="auto"`` the quantile is taken of the whole denominator.
+        estimator or such a dict), ``w = reference_weight`` and
+        :math:`c = \mathrm{median}(\sum g^2) / \mathrm{median}(F^{ref})` over nonzero
+        entries: the reference is rescaled so that its median entry equals the task sums'.
+        Why rescale: the two scales are unrelated (on the demo's model the task's per-term
+        Fisher had median 1e-5, general text's 2e-7), so a raw weight would need retuning
+        for every model and task; rescaled, ``w = 1`` lets a typical reference entry count
+        as much as a typical task entry.  Squared, S is the loss decrease of a Newton step
+        on the task loss plus a quadratic (EWC-like) penalty
+        :math:`\tfrac{\lambda}{2} \sum_i F^{ref}_i \delta_i^2` on the change
+        (:math:`\lambda = w c / T`), curvature taken as the Fisher: entries that the
+        reference data are sensitive to score low.  With ``eps="auto"`` the quantile is
+        taken of the whole denominator.  :attr:`SelectionInfo.reference_scale` reports c.
+        Costs one fp32 temporary per eligible entry while the selection runs.
         """
         if (ratio is None) == (k is None):
             raise ValueError("select(): pass exactly one of ratio= (e.g. 1e-3) or k=")
@@ -464,7 +487,9 @@ class ImportanceEstimator:
     def _report(self, info: TopkInfo, eps: float) -> SelectionInfo:
         ceiling = math.sqrt(self._terms)
         saturated = self.method == "piece-s" and info.threshold >= (1 - _SATURATION_TOL) * ceiling
-        sel = SelectionInfo(**vars(info), eps=eps, saturated=saturated)
+        sel = SelectionInfo(
+            **vars(info), eps=eps, saturated=saturated, reference_scale=self._reference_scale
+        )
         if saturated:
             warnings.warn(
                 f"PIECE-S is saturated: the k-th largest score {info.threshold:.6g} is within "

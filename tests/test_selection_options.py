@@ -62,6 +62,13 @@ def _brute(keys: list[tuple[torch.Tensor, ...]], k: int) -> list[torch.Tensor]:
     return out
 
 
+def _upper_quantile(t: torch.Tensor, q: float) -> float:
+    """The value eps="auto" and the reference rescaling use: among the nonzero entries
+    sorted descending, the ceil((1 - q) * n)-th."""
+    pos = torch.sort(t[t > 0], descending=True).values
+    return float(pos[math.ceil((1 - q) * pos.numel()) - 1])
+
+
 def _mask_list(mask: po.SparseMask, names) -> list[torch.Tensor]:
     return [mask[n].long() if n in mask else torch.empty(0, dtype=torch.long) for n in names]
 
@@ -126,11 +133,9 @@ def test_auto_eps_is_the_quantile_of_nonzero_sums(seed):
     for x, y in data:
         model.loss(x, y).backward()
         est.collect()
-    s2 = torch.cat([t.reshape(-1) for t in est._sum_g2.values()]).double()
-    pos = torch.sort(s2[s2 > 0], descending=True).values
-    k = math.ceil((1 - imp.EPS_AUTO_QUANTILE) * pos.numel())
-    want = imp.EPS_AUTO_FRACTION * float(pos[k - 1])
-    assert est.resolved_eps() == pytest.approx(want, rel=0, abs=0)
+    s2 = torch.cat([t.reshape(-1) for t in est._sum_g2.values()])
+    want = imp.EPS_AUTO_FRACTION * _upper_quantile(s2, imp.EPS_AUTO_QUANTILE)
+    assert est.resolved_eps() == want
     eps = est.resolved_eps()
     s1 = {n: t for n, t in est._sum_g.items()}
     for n, sc in est.scores().items():
@@ -249,8 +254,7 @@ def _trained(seed: int, method="piece-s", n=3, **kw) -> tuple[TinyNet, po.Import
     return model, est
 
 
-@pytest.mark.parametrize("eps", [1e-6, "auto"])
-@pytest.mark.parametrize("weight", [0.0, 1.0, 30.0])
+@pytest.mark.parametrize("eps, weight", [(1e-6, 0.0), (1e-6, 1.0), ("auto", 30.0)])
 def test_reference_joins_the_denominator(seed, eps, weight):
     model, est = _trained(seed, eps=eps)
     ref = po.ImportanceEstimator(model, method="piece-f")
@@ -260,19 +264,21 @@ def test_reference_joins_the_denominator(seed, eps, weight):
     fisher = ref.fisher()
     for n, f in fisher.items():
         torch.testing.assert_close(f.reshape(-1), ref._sum_g2[n] / 5, rtol=0, atol=0)
-    T = est.num_terms
+    s2 = torch.cat([t.reshape(-1) for t in est._sum_g2.values()])
+    f_all = torch.cat([fisher[n].reshape(-1) for n in est._sum_g2])
+    c = _upper_quantile(s2, 0.5) / _upper_quantile(f_all, 0.5)
     den = {
-        n: est._sum_g2[n].double() + weight * T * fisher[n].reshape(-1).double()
+        n: est._sum_g2[n].double() + weight * c * fisher[n].reshape(-1).double()
         for n in est._sum_g2
     }
     e = est.resolved_eps(reference=ref, reference_weight=weight)
     if eps == "auto":  # the quantile of the whole denominator
-        allv = torch.cat(list(den.values()))
-        pos = torch.sort(allv[allv > 0].float(), descending=True).values
-        k = math.ceil((1 - imp.EPS_AUTO_QUANTILE) * pos.numel())
-        assert e == pytest.approx(imp.EPS_AUTO_FRACTION * float(pos[k - 1]), rel=1e-6)
+        allv = torch.cat(list(den.values())).float()
+        want = imp.EPS_AUTO_FRACTION * _upper_quantile(allv, imp.EPS_AUTO_QUANTILE)
+        assert e == pytest.approx(want, rel=1e-6)
     else:
         assert e == eps
+
     scores = est.scores(reference=ref, reference_weight=weight)
     assert scores.keys() == est.scores().keys()
     for n, sc in scores.items():
@@ -280,6 +286,7 @@ def test_reference_joins_the_denominator(seed, eps, weight):
         torch.testing.assert_close(sc.reshape(-1).double(), want, rtol=1e-5, atol=0)
     # an estimator or its fisher() dict: the same mask, the brute-force one
     m1 = est.select(ratio=0.1, reference=ref, reference_weight=weight)
+    assert est.last_selection.reference_scale == pytest.approx(c, rel=1e-6)
     m2 = est.select(ratio=0.1, reference=fisher, reference_weight=weight)
     assert m1 == m2
     names = list(scores)

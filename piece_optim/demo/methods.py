@@ -104,6 +104,9 @@ class DemoConfig:
     ref_batches: int = 8
     ref_len: int = 128
     ref_weight: float = 1.0
+    # piece-ref / piece-self: add the Fisher of every earlier task (its calibration batches,
+    # measured right after learning it; no data kept) to the reference
+    ref_memory: bool = False
     low_pool: float = 3.0
     lora_r: int = 8
     lr: dict[str, float] = field(
@@ -117,8 +120,8 @@ class DemoConfig:
     use_cache: bool = True
 
 
-# Pretraining steps per base-model size (the medium model's 3,000 steps: ~1 hour on 2 cores).
-PRETRAIN_STEPS = {"small": 1500, "medium": 3000}
+# Pretraining steps per base-model size: the same recipe for both (medium: ~20 min on 2 idle cores).
+PRETRAIN_STEPS = {"small": 1500, "medium": 1500}
 
 
 def preset(name: str, size: str | None = None) -> DemoConfig:
@@ -272,6 +275,31 @@ def reference_fisher(
     return fisher, time.perf_counter() - t0
 
 
+def task_fisher(model: nn.Module, task: TaskData, cfg: DemoConfig, seed: int) -> dict[str, Tensor]:
+    """Per-term Fisher of a task on its calibration batches (the ones its mask came from)."""
+    model.train()
+    with ImportanceEstimator(model, method="piece-f", exclude=cfg.exclude) as est:
+        for b in _batches(task, cfg.calib_batches, cfg.batch, seed + 7):
+            model(**b).loss.backward()
+            est.collect()
+        fisher = est.fisher()
+    model.eval()
+    return fisher
+
+
+def combine_fishers(fishers: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Sum of Fishers, each first divided by its median nonzero entry (their scales are
+    unrelated: general text vs a task's answers), so each counts alike."""
+    out: dict[str, Tensor] = {}
+    for f in fishers:
+        flat = torch.cat([t.reshape(-1) for t in f.values()])
+        pos = flat[flat > 0]
+        med = float(pos.median()) if pos.numel() else 1.0
+        for n, t in f.items():
+            out[n] = out[n] + t / med if n in out else t / med
+    return out
+
+
 def piece_mask(
     model: nn.Module,
     task: TaskData,
@@ -347,9 +375,11 @@ def train_stage(
     progress: bool = True,
     desc: str = "",
     general_text: Tensor | None = None,
+    memory: list[dict[str, Tensor]] | None = None,
 ) -> tuple[nn.Module, SparseMask | None, dict]:
     """Train ``model`` on ``task``; returns the (possibly new) model object, the mask and
-    what the mask step reported (selection info, reference seconds)."""
+    what the mask step reported (selection info, reference seconds).  ``memory``: earlier
+    tasks' Fishers, added to the reference of piece-ref / piece-self (``ref_memory``)."""
     mask = None
     report: dict = {}
     betas = (0.9, 0.95)
@@ -376,6 +406,8 @@ def train_stage(
             fisher, report["reference_seconds"] = reference_fisher(
                 model, REFERENCE[method], cfg, general_text, seed
             )
+            if memory and method != "random-low":
+                fisher = combine_fishers([fisher, *memory])
         if method == "random":
             mask = random_mask(model, cfg.ratio, cfg.exclude, seed)
         elif method == "random-low":
@@ -440,6 +472,7 @@ def run_method(
     matrix: list[list[float | None]] = [[None] * T for _ in range(T)]
     gen = [next_token_accuracy(model, general)]
     deltas, reports = [], []
+    memory: list[dict[str, Tensor]] = []
     t0 = time.perf_counter()
     for i, task in enumerate(tasks):
         before = {n: p.detach().clone() for n, p in model.named_parameters()} if delta_dir else None
@@ -453,8 +486,11 @@ def run_method(
             progress=progress,
             desc=f"{spec} task {i + 1}/{T} {task.name}",
             general_text=general_text,
+            memory=memory,
         )
         reports.append(report)
+        if cfg.ref_memory and method in ("piece-ref", "piece-self") and i < T - 1:
+            memory.append(task_fisher(model, task, cfg, seed=cfg.seed * 1000 + i))
         for j in range(i + 1):
             matrix[i][j] = exact_match(model, getattr(tasks[j], split), cfg.max_new)
         gen.append(next_token_accuracy(model, general))

@@ -106,7 +106,52 @@ def _one_run(
     )
     r.pop("model")
     keep = ("op", "bwt", "la", "general_after", "general", "matrix", "seconds", "stages")
-    return {"method": spec, "lr": lr, "seed": seed, **{k: r[k] for k in keep}}
+    run = {"method": spec, "lr": lr, "seed": seed, **{k: r[k] for k in keep}}
+    return run | {"config": run_config(spec, cfg)}
+
+
+_COMMON = (
+    "size",
+    "pretrain_steps",
+    "tasks",
+    "n_train",
+    "n_eval",
+    "steps",
+    "batch",
+    "exclude",
+    "n_general",
+    "max_new",
+    "data_seed",
+)
+_FIELDS = {
+    "lora": ("lora_r",),
+    "sparse": ("ratio",),
+    "piece": ("eps", "tie_break", "calib_batches"),
+    "reference": ("ref_batches", "ref_len"),
+    "random-low": ("low_pool",),
+    "protective": ("ref_weight", "ref_memory"),
+}
+
+
+def run_config(spec: str, cfg: DemoConfig) -> dict:
+    """The configuration fields a run of ``spec`` depends on (after its overrides), as
+    stored: ``--resume`` reuses a stored run only if these are unchanged."""
+    from .. import importance
+    from .methods import REFERENCE, method_config
+
+    name, mcfg = method_config(spec, cfg)
+    fields = list(_COMMON)
+    fam = FAMILY[name]
+    fields += _FIELDS.get(fam, ())
+    if name.startswith("piece-"):
+        fields += _FIELDS["piece"]
+    if name in REFERENCE:
+        fields += _FIELDS["reference"]
+        fields += _FIELDS["random-low" if name == "random-low" else "protective"]
+    out = {f: getattr(mcfg, f) for f in fields}
+    if name.startswith("piece-") and str(mcfg.eps).startswith("auto"):
+        out["eps_auto"] = [importance.EPS_AUTO_QUANTILE, importance.EPS_AUTO_FRACTION]
+    return json.loads(json.dumps(out))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -153,12 +198,25 @@ def run_pareto(
     path = out / "pareto.json"
     if resume and path.exists():
         old = json.loads(path.read_text())
-        same = json.loads(json.dumps(data["config"]))  # as stored: tuples become lists
-        if old.get("config") == same and old.get("split") == split:
-            data["runs"] = old["runs"]
-            log(f"resuming: {len(data['runs'])} runs already in {path}")
-        else:
-            log(f"not resuming: {path} holds another configuration; starting over")
+        want = {m: run_config(m, cfg) for m in methods}
+        # runs of other methods stay as they are (another --methods subset ran them)
+        kept = [
+            r
+            for r in old.get("runs", [])
+            if old.get("split") == split
+            and (r["method"] not in want or r.get("config") == want[r["method"]])
+        ]
+        data["runs"] = kept
+        for r in kept:
+            if r["method"] not in want:
+                lrs_m = data["lrs"].setdefault(r["method"], [])
+                if r["lr"] not in lrs_m:
+                    lrs_m.append(r["lr"])
+        data["seeds"] = sorted(set(seeds) | {r["seed"] for r in kept})
+        log(
+            f"resuming: {len(kept)} of the {len(old.get('runs', []))} runs in {path} kept "
+            "(same method configuration and split)"
+        )
     done = {(r["method"], r["lr"], r["seed"]) for r in data["runs"]}
     todo = [
         (m, lr, s)
@@ -199,7 +257,7 @@ def run_pareto(
     order = {
         (m, lr, s): i
         for i, (m, lr, s) in enumerate(
-            (m, lr, s) for m in methods for lr in data["lrs"][m] for s in seeds
+            (m, lr, s) for m in data["lrs"] for lr in data["lrs"][m] for s in seeds
         )
     }
     data["runs"].sort(key=lambda r: order.get((r["method"], r["lr"], r["seed"]), len(order)))
