@@ -143,13 +143,13 @@ def run_config(spec: str, cfg: DemoConfig) -> dict:
     fields = list(_COMMON)
     fam = FAMILY[name]
     fields += _FIELDS.get(fam, ())
-    if name.startswith("piece-"):
-        fields += _FIELDS["piece"]
+    if name.startswith("piece-"):  # PIECE-F's score has no eps and no magnitude tie-break
+        fields += _FIELDS["piece"][2:] if name == "piece-f" else _FIELDS["piece"]
     if name in REFERENCE:
         fields += _FIELDS["reference"]
         fields += _FIELDS["random-low" if name == "random-low" else "protective"]
     out = {f: getattr(mcfg, f) for f in fields}
-    if name.startswith("piece-") and str(mcfg.eps).startswith("auto"):
+    if "eps" in out and str(mcfg.eps).startswith("auto"):
         out["eps_auto"] = [importance.EPS_AUTO_QUANTILE, importance.EPS_AUTO_FRACTION]
     return json.loads(json.dumps(out))
 
