@@ -43,12 +43,14 @@ class SelectionInfo(TopkInfo):
     ``saturated`` (PIECE-S): the k-th largest score is within 0.1% of the ceiling
     ``sqrt(T)`` (T = terms collected), which every entry whose T gradient terms are equal
     approaches when eps is far below its sum of squares.  ``reference_scale``: the factor
-    c the reference Fisher was rescaled by (None without a reference).
+    c the reference Fisher was rescaled by; ``pool_threshold``: the largest reference
+    Fisher inside the pool (both None when not used).
     """
 
     eps: float = 0.0
     saturated: bool = False
     reference_scale: float | None = None
+    pool_threshold: float | None = None
 
 
 class ImportanceEstimator:
@@ -130,6 +132,7 @@ class ImportanceEstimator:
         self.eps: float | str = eps if eps == "auto" else float(eps)
         self.last_selection: SelectionInfo | None = None
         self._reference_scale: float | None = None
+        self._pool_threshold: float | None = None
         self.exclude = tuple(exclude)
         self.in_backward = bool(in_backward)
         self.accum_dtype = accum_dtype
@@ -268,7 +271,9 @@ class ImportanceEstimator:
     def _sources(
         self,
         reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
-        weight: float = 1.0,
+        weight: float | None = None,
+        pool: float | None = None,
+        k: int | None = None,
     ) -> list[tuple[str, ScoreSource]]:
         self._check_open()
         if not self._sum_g2:
@@ -276,7 +281,7 @@ class ImportanceEstimator:
                 "no gradients were collected yet: run backward() and collect() on the "
                 "calibration batches first"
             )
-        ref = self._reference_fisher(reference, weight)
+        ref = self._reference_fisher(reference, weight, pool)
         out = []
         for name, p in self._params.items():
             if name not in self._sum_g2:
@@ -294,35 +299,73 @@ class ImportanceEstimator:
                     ),
                 )
             )
-        self._reference_scale = None
-        if ref is not None:
-            # the reference rescaled so that its median nonzero entry equals the task sums'
-            refs = [replace(s, sum_g=None, sum_g2=ref[n]) for n, s in out]
-            med_ref = self._quantile_nonzero(refs, 0.5)
-            scale = self._quantile_nonzero([s for _, s in out], 0.5) / med_ref if med_ref else 0.0
-            self._reference_scale = scale
-            # one fp32 temporary per eligible entry while scores / select() run
-            out = [
-                (n, replace(s, sum_g2=torch.add(s.sum_g2.float(), ref[n], alpha=weight * scale)))
-                for n, s in out
-            ]
-        return out
+        self._reference_scale = self._pool_threshold = None
+        if ref is None:
+            return out
+        refs = [replace(s, sum_g=None, sum_g2=ref[n]) for n, s in out]
+        if pool is not None:
+            # the pool: the ceil(pool * k) entries with the lowest reference Fisher (all of
+            # those tied at the boundary).  Outside it both sums read as 0, so the score is 0
+            # and eps="auto" sees the pool only.  Two temporaries per eligible entry.
+            n_pool = math.ceil(pool * (k if k is not None else 1))
+            v = kth_largest(
+                refs,
+                lambda h: max(1, int(h.sum()) - n_pool + 1),
+                "piece-f",
+                0.0,
+                **_reduce_only(self._group),
+            )
+            self._pool_threshold = v
+            pooled = []
+            for n, s in out:
+                inside = ref[n] <= v
+                s1 = None if s.sum_g is None else torch.where(inside, s.sum_g, 0)
+                pooled.append((n, replace(s, sum_g=s1, sum_g2=torch.where(inside, s.sum_g2, 0))))
+            return pooled
+        # the reference rescaled so that its median nonzero entry equals the task sums'
+        med_ref = self._quantile_nonzero(refs, 0.5)
+        scale = self._quantile_nonzero([s for _, s in out], 0.5) / med_ref if med_ref else 0.0
+        self._reference_scale = scale
+        w = 1.0 if weight is None else weight
+        # one fp32 temporary per eligible entry while scores / select() run
+        return [
+            (n, replace(s, sum_g2=torch.add(s.sum_g2.float(), ref[n], alpha=w * scale)))
+            for n, s in out
+        ]
 
     def _reference_fisher(
-        self, reference: ImportanceEstimator | Mapping[str, Tensor] | None, weight: float
+        self,
+        reference: ImportanceEstimator | Mapping[str, Tensor] | None,
+        weight: float | None,
+        pool: float | None,
     ) -> dict[str, Tensor] | None:
         """Flat fp32 per-term Fisher of the reference for every eligible name, or None."""
         if reference is None:
+            if weight is not None or pool is not None:
+                raise ValueError("reference_weight / reference_pool need reference=")
             return None
-        if self.method != "piece-s":
+        if pool is not None:
+            if weight is not None:
+                raise ValueError(
+                    "pass reference_weight (the reference joins the denominator) or "
+                    "reference_pool (selection among the least reference-important entries), "
+                    "not both"
+                )
+            if isinstance(pool, bool) or not isinstance(pool, (int, float)):
+                raise TypeError(f"reference_pool must be a number >= 1, got {pool!r}")
+            if not math.isfinite(pool) or pool < 1:
+                raise ValueError(f"reference_pool={pool!r} must be a finite number >= 1 (x k)")
+        elif self.method != "piece-s":
             raise ValueError(
-                "reference= needs method='piece-s': the reference Fisher joins the "
-                "denominator of the PIECE-S score (PIECE-F has none)"
+                "reference= with reference_weight needs method='piece-s': the reference Fisher "
+                "joins the denominator of the PIECE-S score (PIECE-F has none); "
+                "reference_pool= works with either"
             )
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"reference_weight must be a float >= 0, got {weight!r}")
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"reference_weight={weight!r} must be a finite number >= 0")
+        if weight is not None:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"reference_weight must be a float >= 0, got {weight!r}")
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"reference_weight={weight!r} must be a finite number >= 0")
         if isinstance(reference, ImportanceEstimator):
             if reference is self:
                 raise ValueError("reference= must be another estimator (or a Fisher dict)")
@@ -346,7 +389,13 @@ class ImportanceEstimator:
                     f"reference Fisher for {name!r} has {f.numel()} entries, the parameter "
                     f"{n} (local shard under FSDP2)"
                 )
-            out[name] = local_tensor(f).detach().reshape(-1).to(p.device, torch.float32)
+            f = local_tensor(f).detach().reshape(-1).to(p.device, torch.float32)
+            if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+                raise ValueError(
+                    f"reference Fisher for {name!r} has negative, NaN or infinite entries; "
+                    "a Fisher is a mean of squared gradients (>= 0)"
+                )
+            out[name] = f
         return out
 
     def fisher(self) -> dict[str, Tensor]:
@@ -380,20 +429,20 @@ class ImportanceEstimator:
     def resolved_eps(
         self,
         reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
-        reference_weight: float = 1.0,
+        reference_weight: float | None = None,
     ) -> float:
         """The eps PIECE-S uses now: ``eps`` itself, or the value ``"auto"`` resolves to
-        for the sums collected so far (and the reference, if given)."""
+        for the sums collected so far (and the reference, if given; see :meth:`select`)."""
         return self._resolve_eps([s for _, s in self._sources(reference, reference_weight)])
 
     def scores(
         self,
         reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
-        reference_weight: float = 1.0,
+        reference_weight: float | None = None,
     ) -> dict[str, Tensor]:
         """``{name: fp32 score tensor shaped like the param}``; excluded names are absent.
 
-        ``reference``: see :meth:`select`.
+        ``reference``, ``reference_weight``: the protective score, see :meth:`select`.
         """
         sources = self._sources(reference, reference_weight)
         eps = self._resolve_eps([s for _, s in sources])
@@ -410,7 +459,8 @@ class ImportanceEstimator:
         k: int | None = None,
         tie_break: str = "magnitude",
         reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
-        reference_weight: float = 1.0,
+        reference_weight: float | None = None,
+        reference_pool: float | None = None,
     ) -> SparseMask:
         r"""The global top-k mask: ``k = int(ratio * total trainable numel)``, or ``k`` given.
 
@@ -444,6 +494,13 @@ class ImportanceEstimator:
         reference data are sensitive to score low.  With ``eps="auto"`` the quantile is
         taken of the whole denominator.  :attr:`SelectionInfo.reference_scale` reports c.
         Costs one fp32 temporary per eligible entry while the selection runs.
+
+        ``reference_pool=P`` instead (PIECE-F or PIECE-S): a hard rule.  Only the
+        ``ceil(P * k)`` eligible entries with the lowest reference Fisher (all those tied at
+        the boundary included) can be selected, and among them the task's own score
+        ranks (``eps="auto"`` is then the quantile over the pool).  It is the task-aware
+        form of drawing k entries at random from that pool; see docs/demo.md for how the
+        two compare.  Costs two temporaries per eligible entry.
         """
         if (ratio is None) == (k is None):
             raise ValueError("select(): pass exactly one of ratio= (e.g. 1e-3) or k=")
@@ -462,7 +519,7 @@ class ImportanceEstimator:
                 )
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"select(): k={k!r} must be a positive int")
-        sources = self._sources(reference, reference_weight)
+        sources = self._sources(reference, reference_weight, reference_pool, k)
         eligible = sum(p.numel() for p in self._params.values())  # global under FSDP2
         if k > eligible:
             raise ValueError(
@@ -488,7 +545,11 @@ class ImportanceEstimator:
         ceiling = math.sqrt(self._terms)
         saturated = self.method == "piece-s" and info.threshold >= (1 - _SATURATION_TOL) * ceiling
         sel = SelectionInfo(
-            **vars(info), eps=eps, saturated=saturated, reference_scale=self._reference_scale
+            **vars(info),
+            eps=eps,
+            saturated=saturated,
+            reference_scale=self._reference_scale,
+            pool_threshold=self._pool_threshold,
         )
         if saturated:
             warnings.warn(

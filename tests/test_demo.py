@@ -267,3 +267,17 @@ def test_demo_pareto_tiny_writes_json_and_png(tmp_path, capsys, monkeypatch):
     again = json.loads((out / "pareto.json").read_text())
     assert len(again["runs"]) == 6 and again["runs"][0] == data["runs"][0]
     assert {r["seed"] for r in again["runs"]} == {0, 1}
+
+
+def test_combine_fishers_weighs_each_by_its_median(seed):
+    from piece_optim.demo.methods import combine_fishers
+
+    g = torch.Generator().manual_seed(seed)
+    a = {"x": torch.rand(5, 7, generator=g) * 1e-6, "y": torch.rand(11, generator=g) * 1e-6}
+    b = {"x": torch.rand(5, 7, generator=g) * 1e3, "y": torch.zeros(11)}
+    out = combine_fishers([a, b])
+    med_a = torch.cat([t.reshape(-1) for t in a.values()]).median()
+    flat_b = torch.cat([t.reshape(-1) for t in b.values()])
+    med_b = flat_b[flat_b > 0].median()
+    for n in a:
+        torch.testing.assert_close(out[n], a[n] / med_a + b[n] / med_b)

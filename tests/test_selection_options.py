@@ -307,6 +307,47 @@ def test_reference_moves_the_mask_off_reference_sensitive_entries(seed):
         assert not set(protected[n].tolist()) & set(plain[n].tolist() if n in plain else [])
 
 
+@pytest.mark.parametrize("method, eps", [("piece-s", "auto"), ("piece-f", 1.0)])
+def test_reference_pool_ranks_the_task_inside_the_least_reference_important(seed, method, eps):
+    model, est = _trained(seed, method=method, eps=eps)
+    g = torch.Generator().manual_seed(seed + 5)
+    # few levels: ties at the pool boundary (all of them are in the pool)
+    fisher = {
+        n: torch.randint(0, 40, p.shape, generator=g).float() / 7
+        for n, p in _eligible(model).items()
+    }
+    names = list(fisher)
+    k, pool = 31, 3.0
+    mask = est.select(k=k, reference=fisher, reference_pool=pool)
+    f_all = torch.cat([fisher[n].reshape(-1) for n in names])
+    v = float(torch.sort(f_all).values[math.ceil(pool * k) - 1])  # the pool's largest value
+    assert est.last_selection.pool_threshold == v
+    inside = {n: fisher[n].reshape(-1) <= v for n in names}
+    s2 = torch.cat([est._sum_g2[n].reshape(-1) for n in names])
+    in_all = torch.cat([inside[n] for n in names])
+    if eps == "auto":  # the quantile over the pool's sums
+        e = imp.EPS_AUTO_FRACTION * _upper_quantile(s2[in_all], imp.EPS_AUTO_QUANTILE)
+        assert est.last_selection.eps == e
+    else:
+        e = eps
+    keys = []
+    for n in names:
+        s2n = est._sum_g2[n].reshape(-1).double()
+        sc = (
+            s2n
+            if method == "piece-f"
+            else est._sum_g[n].reshape(-1).double().abs() / (s2n + e).sqrt()
+        )
+        sc = torch.where(inside[n], sc.float(), torch.full_like(sc.float(), -1.0))
+        mag = est._sum_g[n].reshape(-1).abs() if method == "piece-s" else torch.zeros_like(sc)
+        keys.append((sc, mag))
+    expect = _brute(keys, k)
+    for got, want in zip(_mask_list(mask, names), expect, strict=True):
+        assert torch.equal(got, want)
+    for n in mask:
+        assert bool(inside[n][mask[n].long()].all()), n
+
+
 def test_reference_errors(seed):
     model, est = _trained(seed)
     fisher = {n: torch.rand(p.shape) for n, p in _eligible(model).items()}
@@ -320,9 +361,18 @@ def test_reference_errors(seed):
         est.select(k=3, reference=[1, 2])
     with pytest.raises(ValueError, match="another"):
         est.select(k=3, reference=est)
+    with pytest.raises(ValueError, match="not both"):
+        est.select(k=3, reference=fisher, reference_weight=2.0, reference_pool=3)
+    with pytest.raises(ValueError, match="reference_pool"):
+        est.select(k=3, reference=fisher, reference_pool=0.5)
+    with pytest.raises(ValueError, match="need reference"):
+        est.select(k=3, reference_pool=3)
+    with pytest.raises(ValueError, match="negative"):
+        est.select(k=3, reference={**fisher, "fc1.bias": -fisher["fc1.bias"] - 1})
     _, est_f = _trained(seed, method="piece-f")
     with pytest.raises(ValueError, match="piece-s"):
         est_f.select(k=3, reference=fisher)
+    est_f.select(k=3, reference=fisher, reference_pool=3)  # the pool rule takes PIECE-F
     fresh = po.ImportanceEstimator(TinyNet())
     with pytest.raises(RuntimeError, match="no gradients"):
         fresh.fisher()

@@ -32,7 +32,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ _FIELDS = {
     "piece": ("eps", "tie_break", "calib_batches"),
     "reference": ("ref_batches", "ref_len"),
     "random-low": ("low_pool",),
-    "protective": ("ref_weight", "ref_memory"),
+    "protective": ("ref_weight", "ref_memory", "ref_pool"),
 }
 
 
@@ -251,7 +251,7 @@ def run_pareto(
             initargs=(cfg, per_job),
         ) as pool:
             futures = [pool.submit(_run_in_worker, m, lr, s, split) for m, lr, s in todo]
-            for f in futures:
+            for f in as_completed(futures):
                 record(f.result())
     bar.close()
     order = {
