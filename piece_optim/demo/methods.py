@@ -107,9 +107,11 @@ class DemoConfig:
     # piece-ref / piece-self: add every earlier task's Fisher to the reference (from the
     # calibration pass that chose its mask, before learning it; no data kept)
     ref_memory: bool = False
-    # > 0: select among the ref_pool x k entries of lowest reference Fisher instead
-    # (ImportanceEstimator.select(reference_pool=)); ref_weight is then unused
-    ref_pool: float = 0.0
+    # piece-ref / piece-self: the task score ranks among the ref_pool x k entries of lowest
+    # reference Fisher (ImportanceEstimator.select(reference_pool=), random-low's pool);
+    # 0: the reference joins the denominator with weight ref_weight instead.  Chosen on
+    # validation (docs/demo.md): the pool kept the most general ability of the variants.
+    ref_pool: float = 3.0
     low_pool: float = 3.0
     lora_r: int = 8
     lr: dict[str, float] = field(
