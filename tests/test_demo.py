@@ -129,6 +129,8 @@ def test_shipped_weights_match_the_default_config(tmp_path, monkeypatch):
     assert path is not None, "piece_optim/demo/weights/ lacks the default model"
     assert shipped_weights(cfg.size, cfg.pretrain_steps + 1, cfg.batch, 128, cfg.seed) is None
     assert shipped_weights(cfg.size, cfg.pretrain_steps, cfg.batch, 128, cfg.seed + 1) is None
+    med = preset("quick", size="medium")
+    assert shipped_weights(med.size, med.pretrain_steps, med.batch, 128, 0) is not None
     # an empty cache loads the shipped weights instead of pretraining (no steps run)
     monkeypatch.setenv("PIECE_OPTIM_CACHE", str(tmp_path / "cache"))
     corpus = {"train": torch.randint(0, 256, (4096,), dtype=torch.uint8)}

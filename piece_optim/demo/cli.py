@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--size",
         default=None,
         choices=("small", "medium"),
-        help="base model: small (0.9M parameters, default) or medium (5.2M; pretrained "
-        "on first use, about 1 hour on 2 cores, then cached)",
+        help="base model: small (0.9M parameters, default) or medium (5.2M); both ship "
+        "with the package (--no-cache pretrains: medium ~27 CPU-minutes)",
     )
     parser.add_argument(
         "--seeds", default=None, help="--pareto: comma-separated seeds (default 0,1,2; quick 0,1)"
