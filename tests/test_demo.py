@@ -240,7 +240,9 @@ def test_demo_pareto_tiny_writes_json_and_png(tmp_path, capsys, monkeypatch):
         str(out),
         "--no-progress",
         "--seeds",
-        "0,1",
+        "0",
+        "--jobs",
+        "1",
         "--lrs",
         "full=1e-4/1e-3;sparse=3e-3",
         "--methods",
@@ -265,6 +267,7 @@ def test_demo_pareto_tiny_writes_json_and_png(tmp_path, capsys, monkeypatch):
     assert "matched OP" in capsys.readouterr().out
     # --resume keeps what is there and runs only what is missing
     argv[argv.index("0")] = "0,1"
+    argv[argv.index("--jobs") + 1] = "2"  # the process-pool path
     assert main(argv + ["--resume"]) == 0
     again = json.loads((out / "pareto.json").read_text())
     assert len(again["runs"]) == 6 and again["runs"][0] == data["runs"][0]
