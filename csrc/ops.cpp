@@ -223,7 +223,9 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
                       at::TensorList exp_avg_sqs, at::TensorList masters,
                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts, double lr,
                       double beta1, double beta2, double eps, double weight_decay,
-                      bool grad_is_sparse) {
+                      bool grad_is_sparse, const std::optional<Tensor>& /*status*/) {
+  // `status` is for the CUDA kernels (which skip and flag a bad index); this op raises
+  // before writing instead (below).
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && idxs.size() == n && exp_avgs.size() == n &&
                   exp_avg_sqs.size() == n && masters.size() == n && step_sizes.size() == n &&
@@ -284,6 +286,24 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
     it.bc2_sqrt = bc2_sqrts[i];
     items.push_back(it);
   }
+  // Bounds: every tensor's indices are checked before any kernel writes, so an index that
+  // was changed after the optimizer validated it raises here instead of writing outside
+  // the parameter, and the step is all-or-nothing (nothing at all is written).
+  for (size_t i = 0; i < n; ++i) {
+    const pc::AdamItem& it = items[i];
+    if (it.idx == nullptr) continue;
+    const int64_t numel = params[i].numel();
+    const int64_t j = pc::first_out_of_range(it.idx, it.idx64, it.n, numel);
+    if (j >= 0) {
+      const int64_t bad = it.idx64 ? static_cast<const int64_t*>(it.idx)[j]
+                                   : int64_t(static_cast<const int32_t*>(it.idx)[j]);
+      TORCH_CHECK_INDEX(false, "piece_optim: sparse AdamW step: index ", bad, " (position ", j,
+                        " of the indices of tensor ", i, " in this step) is outside its "
+                        "parameter of ", numel, " entries; nothing was written. The "
+                        "optimizer's indices were changed after they were validated (e.g. "
+                        "in place through opt.state[p]['idx'] or a state_dict tensor)");
+    }
+  }
   pc::adamw_many(items);
 }
 
@@ -309,7 +329,7 @@ TORCH_LIBRARY(piece_optim, m) {
       "adamw_step_many_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] idxs, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, "
       "float[] step_sizes, float[] bc2_sqrts, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool grad_is_sparse) -> ()");
+      "float weight_decay, bool grad_is_sparse, Tensor(e!)? status=None) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
 }
 

@@ -10,6 +10,31 @@ from torch import Tensor
 from ._backends import Backend, get_backend
 
 
+def refuse_foreign_adam_flags(param_groups: Sequence[dict]) -> None:
+    """Raise if saved param groups (e.g. a ``torch.optim.AdamW``/``Adam`` state_dict) ask
+    for math SparseAdamW does not do: loading would silently drop the flag.
+
+    ``amsgrad`` and ``maximize`` change the update; ``decoupled_weight_decay=False`` with a
+    weight decay is torch.optim.Adam's L2 penalty, not AdamW's decay.  Execution flags
+    (``foreach``, ``fused``, ``capturable``, ``differentiable``) do not change the math and
+    are accepted.
+    """
+    for i, g in enumerate(param_groups):
+        for flag in ("amsgrad", "maximize"):
+            if g.get(flag):
+                raise ValueError(
+                    f"load_state_dict: param group {i} has {flag}=True (a torch.optim.Adam/AdamW "
+                    f"state_dict?); SparseAdamW does not support {flag} and would silently drop "
+                    f"it. Train with {flag}=False, or keep torch's optimizer for this run"
+                )
+        if g.get("decoupled_weight_decay") is False and g.get("weight_decay", 0):
+            raise ValueError(
+                f"load_state_dict: param group {i} has decoupled_weight_decay=False with "
+                f"weight_decay={g['weight_decay']} (torch.optim.Adam's L2 penalty); SparseAdamW "
+                "decays decoupled, as AdamW does. Load an AdamW state_dict instead"
+            )
+
+
 def sparse_adamw(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

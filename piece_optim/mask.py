@@ -17,11 +17,20 @@ from .distributed import local_tensor
 _FORMAT = "piece_optim.SparseMask/1"
 
 
+_UNSIGNED = tuple(
+    getattr(torch, n) for n in ("uint8", "uint16", "uint32", "uint64") if hasattr(torch, n)
+)
+
+
 def validate_indices(idx: Tensor, numel: int, what: str) -> Tensor:
     """Check ``idx`` is a 1-D integer tensor of sorted unique indices into ``numel`` entries.
 
-    Returns it as a contiguous tensor of the canonical index dtype.  Raises ValueError
-    naming ``what`` otherwise.
+    Returns a new, private tensor of the canonical index dtype (int32, int64 for tensors
+    of 2**31 entries or more), contiguous, on ``idx``'s device: never the caller's tensor,
+    so editing the caller's tensor later cannot change (or push out of range) what the
+    owner of the result indexes.  Any integer dtype is accepted, unsigned ones included
+    (checked as int64: a difference of uint8 values wraps).  Raises ValueError naming
+    ``what`` otherwise.
     """
     if not isinstance(idx, Tensor):
         idx = torch.as_tensor(idx)
@@ -29,6 +38,12 @@ def validate_indices(idx: Tensor, numel: int, what: str) -> Tensor:
         raise ValueError(f"{what}: indices must be an integer tensor, got dtype {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"{what}: indices must be 1-D flat indices, got shape {tuple(idx.shape)}")
+    if idx.device.type == "meta":
+        raise ValueError(f"{what}: indices are on the meta device (no values to check)")
+    if idx.dtype in _UNSIGNED:
+        # torch has no min/max/sub for uint16/32/64; uint64 above 2**63 turns negative
+        # here, and the range check below refuses it
+        idx = idx.to(torch.int64)
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= numel:
@@ -42,7 +57,13 @@ def validate_indices(idx: Tensor, numel: int, what: str) -> Tensor:
                 raise ValueError(f"{what}: duplicated indices; pass sorted unique indices")
             if bool((d < 0).any()):
                 raise ValueError(f"{what}: indices are not sorted; pass torch.sort(idx).values")
-    return idx.to(index_dtype_for(numel)).contiguous()
+    return idx.to(index_dtype_for(numel), memory_format=torch.contiguous_format, copy=True)
+
+
+def union_indices(a: Tensor, b: Tensor, numel: int) -> Tensor:
+    """Sorted unique union of two index tensors into ``numel`` entries (canonical dtype)."""
+    u = torch.unique(torch.cat([a.to(torch.int64), b.to(torch.int64).to(a.device)]))
+    return u.to(index_dtype_for(numel)).contiguous()
 
 
 class SparseMask(Mapping[str, Tensor]):
@@ -53,6 +74,10 @@ class SparseMask(Mapping[str, Tensor]):
     frozen by :class:`SparseAdamW`).  ``numel_total()`` is the total trainable numel the
     ratio was taken of (excluded tensors included), so ``ratio`` is the fraction of the
     model that trains.
+
+    The mask owns its indices: the constructor copies the tensors it is given, and
+    ``mask[name]`` (so also ``items()``, ``values()``) and :meth:`bind` return copies.
+    Editing a returned tensor never changes the mask, nor an optimizer built from it.
     """
 
     def __init__(
@@ -77,7 +102,7 @@ class SparseMask(Mapping[str, Tensor]):
 
     # -- Mapping ------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Tensor:
-        return self._idx[name]
+        return self._idx[name].clone()  # a copy: the mask's indices cannot be edited
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._idx)
@@ -163,7 +188,7 @@ class SparseMask(Mapping[str, Tensor]):
                     f"SparseMask.bind: parameter {name!r} has shape {shape}, the mask "
                     f"was made for {self._shapes[name]}"
                 )
-            out[p] = idx.to(p.device)
+            out[p] = idx.to(p.device, copy=True)
         return out
 
     def to(self, device: torch.device | str) -> SparseMask:

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _hooks
 from ._backends import validate_backend_name
+from ._reference import compute_dtype
 from .distributed import local_tensor
-from .functional import sparse_adamw
-from .mask import SparseMask, validate_indices
+from .functional import refuse_foreign_adam_flags, sparse_adamw
+from .mask import SparseMask, union_indices, validate_indices
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _STATE_FLOAT_KEYS = ("exp_avg", "exp_avg_sq", "master")
@@ -165,15 +167,17 @@ class SparseAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
+        _hooks.check_free(zip(names, group["params"]), "SparseAdamW", self)
         for p, name in zip(group["params"], names, strict=True):
             self._register_param(p, name)
+        _drop_duplicates(group)  # one Parameter under two names: one entry, masks merged
         self._sparse_hook_params(group["params"])
 
     def _register_param(self, p: Tensor, name: str | None) -> None:
         what = repr(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
         lp = local_tensor(p)  # FSDP2: masks index the local shard (see distributed.py)
         if name is not None:
-            self._names[p] = name
+            self._names.setdefault(p, name)  # the first name of a Parameter listed twice
         if self._mask_kind == "dense":
             idx = None
         elif self._mask_kind == "names":
@@ -206,6 +210,9 @@ class SparseAdamW(Optimizer):
             idx = validate_indices(idx, lp.numel(), f"mask[{what}]").to(p.device)
             if idx.numel() == 0:
                 return
+        if p in self._selection:  # the same Parameter under a second name: both names' entries
+            prev = self._selection[p]
+            idx = None if prev is None or idx is None else union_indices(prev, idx, lp.numel())
         self._selection[p] = idx
 
     # -- state ---------------------------------------------------------------------------
@@ -217,17 +224,18 @@ class SparseAdamW(Optimizer):
         idx = self._selection[p]
         p = local_tensor(p)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        mdt = compute_dtype(p.dtype)  # float64 params: float64 moments and math, as AdamW
         if idx is None:
             shape: Any = p.shape
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(shape, dtype=mdt, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=mdt, device=p.device)
             if self._use_master(p):
                 state["master"] = p.detach().float().clone()
         else:
             state["idx"] = idx
             k = idx.numel()
-            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros(k, dtype=mdt, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(k, dtype=mdt, device=p.device)
             if self._use_master(p):
                 state["master"] = p.detach().view(-1)[idx.long()].float()
         return state
@@ -254,12 +262,14 @@ class SparseAdamW(Optimizer):
         """``{param name: sorted flat indices}`` of the trained entries (None: dense).
 
         Under FSDP2 the indices are into the local shard.  Params passed without names
-        are keyed ``"#<position>"`` (their position in the param groups).
+        are keyed ``"#<position>"`` (their position in the param groups).  The tensors are
+        copies: the optimizer's own indices cannot be edited through them.
         """
         out: dict[str, Tensor | None] = {}
         for i, p in enumerate(self._ordered_params()):
             if p in self._selection:
-                out[self._names.get(p, f"#{i}")] = self._selection[p]
+                idx = self._selection[p]
+                out[self._names.get(p, f"#{i}")] = None if idx is None else idx.clone()
         return out
 
     # -- step ----------------------------------------------------------------------------
@@ -326,6 +336,11 @@ class SparseAdamW(Optimizer):
         for p in params:
             if p.requires_grad and p not in self._sparse_hooks:
                 self._sparse_hooks[p] = p.register_post_accumulate_grad_hook(hook)
+        # a finalizer warns (and removes the hooks) if the optimizer is dropped unclosed
+        first = not getattr(self, "_sparse_watched", False)
+        self._sparse_watched = True
+        desc = f"SparseAdamW(sparse_grads=True) made at {_hooks.creation_site()}"
+        _hooks.register(self, params, self._sparse_hooks, desc, watch=first)
 
     @torch.no_grad()
     def _sparse_gather(self, p: Tensor) -> None:
@@ -455,6 +470,7 @@ class SparseAdamW(Optimizer):
         ValueError is raised and nothing changes.
         """
         saved_groups = state_dict["param_groups"]
+        refuse_foreign_adam_flags(saved_groups)
         saved_ids = [i for g in saved_groups for i in g["params"]]
         params = self._ordered_params()
         if len(saved_ids) != len(params):
@@ -499,10 +515,31 @@ class SparseAdamW(Optimizer):
             state = self.state[p]
             for key in _STATE_FLOAT_KEYS:
                 if key in st:
-                    state[key] = st[key].detach().to(device=p.device, dtype=torch.float32).clone()
+                    dt = torch.float32 if key == "master" else compute_dtype(p.dtype)
+                    state[key] = st[key].detach().to(device=p.device, dtype=dt).clone()
             if "idx" in st:
                 state["idx"] = self._selection[p]
             state["step"] = st["step"].detach().to(torch.float32).cpu().clone()
+
+
+def _drop_duplicates(group: dict[str, Any]) -> None:
+    """Keep the first entry of a Parameter listed twice in one group (``named_parameters(
+    remove_duplicate=False)`` lists tied weights under each name; torch warns about it).
+    Decision: the masks of both names were merged by ``_register_param``, and the param
+    is stepped once per step (torch's AdamW would step it twice, which it calls a bug)."""
+    params = group["params"]
+    if len({id(p) for p in params}) == len(params):
+        return
+    names = group.get("param_names")
+    keep = []
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if id(p) not in seen:
+            seen.add(id(p))
+            keep.append(i)
+    group["params"] = [params[i] for i in keep]
+    if names is not None:
+        group["param_names"] = [names[i] for i in keep]
 
 
 def _refuse_sparse_grads_when_distributed(params: list[Tensor]) -> None:

@@ -284,6 +284,33 @@ void adamw_many(const std::vector<AdamItem>& items) {
   }
 }
 
+namespace {
+// One sequential read of the indices (4 B each), no branch in the loop: it vectorises, and
+// costs ~1 us per 10K indices, next to the step's ~32 B of random access per entry.
+template <class I>
+int64_t first_out_of_range_t(const I* idx, int64_t k, int64_t numel) {
+  const uint64_t n = uint64_t(numel);
+  constexpr int64_t B = 4096;
+  for (int64_t lo = 0; lo < k; lo += B) {
+    const int64_t hi = std::min(k, lo + B);
+    bool bad = false;
+    // a negative index becomes a huge unsigned one: one compare covers both ends
+    for (int64_t j = lo; j < hi; ++j) bad |= uint64_t(int64_t(idx[j])) >= n;
+    if (bad) {
+      for (int64_t j = lo; j < hi; ++j) {
+        if (uint64_t(int64_t(idx[j])) >= n) return j;
+      }
+    }
+  }
+  return -1;
+}
+}  // namespace
+
+int64_t first_out_of_range(const void* idx, bool idx64, int64_t k, int64_t numel) {
+  return idx64 ? first_out_of_range_t(static_cast<const int64_t*>(idx), k, numel)
+               : first_out_of_range_t(static_cast<const int32_t*>(idx), k, numel);
+}
+
 void score(const ScoreSrc& src, float* out) {
   ScoreFn fn = nullptr;
 #if PIECE_HAVE_AVX2

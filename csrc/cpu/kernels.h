@@ -83,6 +83,10 @@ struct AdamItem {
 };
 void adamw_many(const std::vector<AdamItem>& items);
 
+// Position of the first index outside [0, numel) in idx[0, k), or -1 when all are in range.
+// The step's glue calls it on every tensor before any kernel writes (see csrc/ops.cpp).
+int64_t first_out_of_range(const void* idx, bool idx64, int64_t k, int64_t numel);
+
 // Which instruction set the kernels run with ("avx2+fma" or "generic").
 const char* isa();
 
