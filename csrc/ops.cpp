@@ -309,6 +309,11 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
 
 std::string cpu_isa() { return pc::isa(); }
 
+// For tests: the chunk plan of a histogram pass (each chunk < 2**31 scores, see kernels.cpp).
+int64_t hist_num_chunks(int64_t total, int64_t threads) {
+  return pc::hist_num_chunks(total, threads);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(piece_optim, m) {
@@ -331,6 +336,7 @@ TORCH_LIBRARY(piece_optim, m) {
       "float[] step_sizes, float[] bc2_sqrts, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, bool grad_is_sparse, Tensor(e!)? status=None) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("_hist_num_chunks(int total, int threads) -> int", &hist_num_chunks);
 }
 
 TORCH_LIBRARY_IMPL(piece_optim, CPU, m) {

@@ -230,13 +230,17 @@ def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
                int(step))  # fmt: skip
         groups.setdefault(key, []).append((tensors, flat))
     for tensors, step in alone:
-        adamw_triton(*tensors, step=step, grad_is_sparse=grad_is_sparse,
-                     err=flags[tensors[0].device][0], **hyper)  # fmt: skip
+        adamw_triton(
+            *tensors,
+            step=step,
+            grad_is_sparse=grad_is_sparse,
+            err=flags[tensors[0].device][0],
+            **hyper,
+        )
     for (device, pdt, gdt, idt, has_w, step), items in groups.items():
         flag = flags[device][0]
         if len(items) == 1:
-            adamw_triton(*items[0][0], step=step, grad_is_sparse=grad_is_sparse, err=flag,
-                         **hyper)  # fmt: skip
+            adamw_triton(*items[0][0], step=step, grad_is_sparse=grad_is_sparse, err=flag, **hyper)
             continue
         table, prog_t, prog_s = [], [], []
         for t, (_, (p, g, i, m, v, w, k)) in enumerate(items):

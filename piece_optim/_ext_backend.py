@@ -291,9 +291,21 @@ class _ExtBackend(Backend):
                 self._cuda_adamw(lists, lr, beta1, beta2, eps, weight_decay, grad_is_sparse)
             _bump(*lists[0], *lists[3], *lists[4], *lists[5])
         for p, g, i, m, v, w, s in fallback:
-            super().adamw_step_(p, g, i, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                weight_decay=weight_decay, step=s,
-                                grad_is_sparse=grad_is_sparse)  # fmt: skip
+            super().adamw_step_(
+                p,
+                g,
+                i,
+                m,
+                v,
+                w,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                step=s,
+                grad_is_sparse=grad_is_sparse,
+            )
 
     def _cuda_adamw(self, lists: tuple[list, ...], *scalars: object) -> None:
         """CUDA: indices checked here first, then one op call per device, whose kernels skip
@@ -304,8 +316,7 @@ class _ExtBackend(Backend):
             by_device.setdefault(p.device, []).append(j)
         for device, ids in by_device.items():
             status = self._status.flag(device)
-            self._ops.adamw_step_many_(*([lst[j] for j in ids] for lst in lists), *scalars,
-                                       status)  # fmt: skip
+            self._ops.adamw_step_many_(*([lst[j] for j in ids] for lst in lists), *scalars, status)
             self._status.launched(device)
 
 

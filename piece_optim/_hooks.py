@@ -22,18 +22,23 @@ import warnings
 import weakref
 from collections.abc import Collection, Iterable
 
+import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 # param -> [(weakref to owner, its live handle container, its description)]
 _owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def creation_site() -> str:
-    """``file:line`` of the first caller outside piece_optim (where the user made the object)."""
+    """``file:line`` of the first caller outside piece_optim and torch (where the user made
+    the object; torch's Optimizer.__init__ is on the way)."""
     f = sys._getframe(1)
-    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_PKG_DIR):
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(
+        (_PKG_DIR, _TORCH_DIR)
+    ):
         f = f.f_back
     if f is None:
         return "<unknown>"

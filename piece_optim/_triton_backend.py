@@ -93,9 +93,21 @@ class TritonBackend(Backend):
                     exp_avg_sq: Tensor, master: Tensor | None, *, lr: float, beta1: float,
                     beta2: float, eps: float, weight_decay: float, step: int,
                     grad_is_sparse: bool = False) -> None:  # fmt: skip
-        self.adamw_step_many_([param], [grad], [idx], [exp_avg], [exp_avg_sq], [master], [step],
-                              lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                              weight_decay=weight_decay, grad_is_sparse=grad_is_sparse)  # fmt: skip
+        self.adamw_step_many_(
+            [param],
+            [grad],
+            [idx],
+            [exp_avg],
+            [exp_avg_sq],
+            [master],
+            [step],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_is_sparse=grad_is_sparse,
+        )
 
     def adamw_step_many_(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                          idxs: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
@@ -107,8 +119,14 @@ class TritonBackend(Backend):
         reference, which computes them in float64 as torch's AdamW does.  Indices are
         checked before anything is written (see :mod:`piece_optim._bounds`)."""
         check_step_indices(params, idxs)
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                     grad_is_sparse=grad_is_sparse)  # fmt: skip
+        hyper = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_is_sparse=grad_is_sparse,
+        )
         by_device: dict[torch.device, list[int]] = {}
         wide = []
         for i, p in enumerate(params):
@@ -116,11 +134,23 @@ class TritonBackend(Backend):
         for device, ids in by_device.items():
             err = self._status.flag(device)
             self._adamw.adamw_many_triton(
-                *([seq[i] for i in ids] for seq in (params, grads, idxs, exp_avgs, exp_avg_sqs,
-                                                    masters, steps)),
-                err=err, **hyper,
-            )  # fmt: skip
+                *(
+                    [seq[i] for i in ids]
+                    for seq in (params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps)
+                ),
+                err=err,
+                **hyper,
+            )
             self._status.launched(device)
         for i in wide:
-            Backend.adamw_step_(self, params[i], grads[i], idxs[i], exp_avgs[i], exp_avg_sqs[i],
-                                masters[i], step=steps[i], **hyper)  # fmt: skip
+            Backend.adamw_step_(
+                self,
+                params[i],
+                grads[i],
+                idxs[i],
+                exp_avgs[i],
+                exp_avg_sqs[i],
+                masters[i],
+                step=steps[i],
+                **hyper,
+            )

@@ -178,8 +178,11 @@ class ImportanceEstimator:
         if not (replaced or removed or added):
             return
         parts = []
-        for label, names in (("replaced by a new tensor", replaced), ("removed", removed),
-                             ("added or unfrozen", added)):  # fmt: skip
+        for label, names in (
+            ("replaced by a new tensor", replaced),
+            ("removed", removed),
+            ("added or unfrozen", added),
+        ):
             if names:
                 shown = ", ".join(repr(n) for n in names[:3])
                 more = f" and {len(names) - 3} more" if len(names) > 3 else ""

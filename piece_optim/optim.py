@@ -167,7 +167,7 @@ class SparseAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
-        _hooks.check_free(zip(names, group["params"]), "SparseAdamW", self)
+        _hooks.check_free(zip(names, group["params"], strict=True), "SparseAdamW", self)
         for p, name in zip(group["params"], names, strict=True):
             self._register_param(p, name)
         _drop_duplicates(group)  # one Parameter under two names: one entry, masks merged

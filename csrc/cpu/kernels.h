@@ -41,6 +41,10 @@ void score(const ScoreSrc& src, float* out);
 // item, non-empty) it also collects into (*cands)[i], sorted, the indices of item i with
 // bits >> (shift + 16) >= prefix (the candidates of the compaction that follows a
 // 2nd-level pass); (*ok)[i] is 0 (and (*cands)[i] empty) when there were more than caps[i].
+// How many chunks score_histogram_many splits a pass over `total` scores into with
+// `threads` threads: never fewer than needed to keep every chunk below 2**31 elements (the
+// per-thread uint32 counters are merged between chunks).
+int64_t hist_num_chunks(int64_t total, int64_t threads);
 void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int shift,
                           int64_t prefix, const std::vector<int64_t>& caps,
                           std::vector<std::vector<int64_t>>* cands, std::vector<char>* ok);
