@@ -160,6 +160,8 @@ class _ExtBackend(Backend):
         ok_1, ok_2 = [], []
         hist_ok = hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 65536
         for s1, s2 in zip(sum_gs, sum_g2s, strict=True):
+            if s2.numel() == 0:
+                continue  # nothing to count (the op would read an empty sum_g as "none")
             if hist_ok and self._score_ok(s1, s2, method):
                 ok_1.append(s1 if method == "piece-s" else None)
                 ok_2.append(s2)

@@ -90,6 +90,32 @@ def register(
         fin.atexit = False  # at interpreter exit nothing leaks: no warning then
 
 
+# param -> [(weakref to an ImportanceEstimator, its description)]: collect()-style
+# estimators hold no hooks, but each collect() clears the gradients it folds
+_readers: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def note_reader(owner: object, params: Iterable[Tensor], desc: str) -> None:
+    """Record an open estimator that reads (and, at collect(), clears) ``params``' grads."""
+    ref = weakref.ref(owner)
+    for p in params:
+        _readers[p] = [e for e in _readers.get(p, ()) if _open(e[0]())] + [(ref, desc)]
+
+
+def other_reader(params: Iterable[Tensor], exclude: object) -> str | None:
+    """Description of another open estimator over any of ``params``, or None."""
+    for p in params:
+        for ref, desc in _readers.get(p, ()):
+            other = ref()
+            if other is not exclude and _open(other):
+                return desc
+    return None
+
+
+def _open(obj: object) -> bool:
+    return obj is not None and not getattr(obj, "_closed", True)
+
+
 def _collected(handles: Collection, desc: str) -> None:
     if not handles:
         return  # closed properly

@@ -124,7 +124,9 @@ def load_delta(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
     Errors name the path: a missing file (FileNotFoundError), an empty, truncated or
     corrupted one (its SHA-256 is checked), another format (ValueError).
     """
-    meta, tensors = load_safetensors_checked(path, _FORMAT, "load_delta", "sparse delta")
+    meta, tensors = load_safetensors_checked(
+        path, _FORMAT, "load_delta", "sparse delta", frozenset({"format", "order", "shapes"})
+    )
     try:
         order = json.loads(meta["order"])
         shapes = json.loads(meta["shapes"])

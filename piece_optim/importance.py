@@ -131,6 +131,11 @@ class ImportanceEstimator:
         self._closed = False
         named = [*self._params.items(), *((None, p) for p in self._others)]
         _hooks.check_free(named, "ImportanceEstimator", self)
+        self._desc = (
+            f"ImportanceEstimator(in_backward={self.in_backward}) on {type(model).__name__} "
+            f"made at {_hooks.creation_site()}"
+        )
+        _hooks.note_reader(self, self._params.values(), self._desc)
         if self.in_backward:
             self._install_hooks()
 
@@ -227,6 +232,14 @@ class ImportanceEstimator:
                     f"collect(): no eligible parameter has a .grad: the gradient hooks of "
                     f"{other} took them. Call close() on it before estimating with this model"
                 )
+            other = _hooks.other_reader(self._params.values(), exclude=self)
+            if other is not None:
+                raise RuntimeError(
+                    "collect(): no eligible parameter has a .grad. Another estimator on these "
+                    f"parameters is open, {other}, and its collect() clears the gradients it "
+                    "folds: run loss.backward() before each estimator's collect(), or close() "
+                    "the other one"
+                )
             raise RuntimeError(
                 "collect(): no eligible parameter has a .grad; call loss.backward() before "
                 "collect()"
@@ -268,11 +281,7 @@ class ImportanceEstimator:
             self._hooks.append(p.register_post_accumulate_grad_hook(fold(name)))
         for p in self._others:
             self._hooks.append(p.register_post_accumulate_grad_hook(drop))
-        desc = (
-            f"ImportanceEstimator(in_backward=True) on {type(self.model).__name__} made at "
-            f"{_hooks.creation_site()}"
-        )
-        _hooks.register(self, [*self._params.values(), *self._others], self._hooks, desc)
+        _hooks.register(self, [*self._params.values(), *self._others], self._hooks, self._desc)
 
     def _note_term(self, name: str) -> None:
         # A post-accumulate-grad hook fires once per parameter per backward, so meeting a

@@ -21,6 +21,7 @@ from ._reference import index_dtype_for
 from .distributed import local_tensor
 
 _FORMAT = "piece_optim.SparseMask/1"
+_LEGACY_KEYS = frozenset({"format", "numel_total", "shapes", "order"})  # before checksums
 
 
 _UNSIGNED = tuple(
@@ -226,7 +227,9 @@ class SparseMask(Mapping[str, Tensor]):
         changed after it was written), malformed metadata.  A file from before checksums
         existed loads with a warning.
         """
-        meta, tensors = load_safetensors_checked(path, _FORMAT, "SparseMask.load", "mask")
+        meta, tensors = load_safetensors_checked(
+            path, _FORMAT, "SparseMask.load", "mask", _LEGACY_KEYS
+        )
         try:
             order = json.loads(meta["order"])
             shapes = {n: tuple(s) for n, s in json.loads(meta["shapes"]).items()}
@@ -271,15 +274,16 @@ def payload_sha256(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> st
 
 
 def load_safetensors_checked(
-    path: str | os.PathLike, fmt: str, what: str, kind: str
+    path: str | os.PathLike, fmt: str, what: str, kind: str, legacy_keys: frozenset[str]
 ) -> tuple[dict[str, str], dict[str, Tensor]]:
     """``(metadata, tensors)`` of a piece_optim safetensors file of format ``fmt``.
 
     Every failure names ``path``: a missing file (FileNotFoundError), an empty, truncated
     or non-safetensors file, a safetensors file of another format, a checksum mismatch
-    (ValueError).  Files written before checksums were stored load with a warning
-    (decision: they were valid when written and cannot be re-verified; the warning says
-    to re-save them).
+    (ValueError).  Files written before checksums were stored (metadata keys exactly
+    ``legacy_keys``) load with a warning (decision: they were valid when written and cannot
+    be re-verified; the warning says to re-save them); a file with other keys but no
+    checksum had its checksum entry damaged and is refused.
     """
     from safetensors import safe_open
 
@@ -310,6 +314,11 @@ def load_safetensors_checked(
             f"a safetensors file ({type(exc).__name__}: {exc})"
         ) from exc
     stored = meta.get(_CHECKSUM_KEY)
+    if stored is None and set(meta) != legacy_keys:
+        raise ValueError(
+            f"{what}: {path} is corrupted: its checksum entry is missing or damaged (metadata "
+            f"keys {sorted(meta)})"
+        )
     if stored is None:
         warnings.warn(
             f"{what}: {path} has no checksum (written by piece_optim before checksums were "

@@ -303,12 +303,16 @@ class SparseAdamW(Optimizer):
             steps = [int(t.item()) for t in step_ts]
             lr = group["lr"]
             beta1, beta2 = group["betas"]
-            sparse_adamw(
-                params, grads, idxs, ms, vs, masters, steps,
-                lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), grad_is_sparse=self.sparse_grads,
-                backend=self._backend_arg,
-            )  # fmt: skip
+            try:
+                sparse_adamw(
+                    params, grads, idxs, ms, vs, masters, steps,
+                    lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                    weight_decay=float(group["weight_decay"]), grad_is_sparse=self.sparse_grads,
+                    backend=self._backend_arg,
+                )  # fmt: skip
+            except BaseException:
+                torch._foreach_sub_(step_ts, 1)  # the backends write nothing when they raise
+                raise
         self._sparse_bufs.clear()  # consumed: the next backward starts a fresh sum
         return loss
 

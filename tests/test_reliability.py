@@ -669,6 +669,23 @@ def test_collect_names_the_owner_that_took_the_gradients(seed):
     est.close()
 
 
+def test_collect_names_another_open_estimator_that_cleared_the_gradients(seed):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    a = po.ImportanceEstimator(model, method="piece-f")
+    b = po.ImportanceEstimator(model, method="piece-s")
+    model.loss(*batches(1, seed)[0]).backward()
+    a.collect()
+    with pytest.raises(RuntimeError, match=r"is open, ImportanceEstimator\(in_backward=False\) on TinyNet made at .*test_rel"):
+        b.collect()
+    model.loss(*batches(1, seed)[0]).backward()  # a backward before each collect(): fine
+    b.collect()
+    a.close()
+    with pytest.raises(RuntimeError, match=r"call loss.backward\(\) before collect"):
+        b.collect()  # a is closed: the plain advice again
+    b.close()
+
+
 # -- 13. numpy numbers, unsigned indices, meta params, a model changed mid-estimate -------------
 def test_numpy_numbers_are_accepted(seed):
     torch.manual_seed(seed)
