@@ -676,7 +676,8 @@ def test_collect_names_another_open_estimator_that_cleared_the_gradients(seed):
     b = po.ImportanceEstimator(model, method="piece-s")
     model.loss(*batches(1, seed)[0]).backward()
     a.collect()
-    with pytest.raises(RuntimeError, match=r"is open, ImportanceEstimator\(in_backward=False\) on TinyNet made at .*test_rel"):
+    other = r"is open, ImportanceEstimator\(in_backward=False\) on TinyNet made at .*test_rel"
+    with pytest.raises(RuntimeError, match=other):
         b.collect()
     model.loss(*batches(1, seed)[0]).backward()  # a backward before each collect(): fine
     b.collect()
