@@ -21,6 +21,8 @@ import pytest
 from piece_optim import bench_cli
 from piece_optim.cli import main as cli_main
 
+pytestmark = pytest.mark.cpu_only("the benchmark CSV/script checks run at toy sizes on CPU")
+
 harness = bench_cli._import("harness")
 e2e = bench_cli._import("e2e")
 micro = bench_cli._import("micro")
