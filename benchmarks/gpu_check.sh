@@ -106,16 +106,19 @@ stage() {
   echo "$name $status $((SECONDS - t0))s" | tee -a "$SUMMARY" "$LOG"
 }
 
-# pytest's last line ("12 passed, 3 failed, 184 deselected in 30s") into the summary
+# pytest's last line ("12 passed, 3 failed, 184 deselected in 30s") of the log lines after
+# line $2 (where the stage began) into the summary
 test_counts() {
   local line
-  line=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error|tests? collected|deselected)|tests collected|no tests ran' \
-    "$LOG" | tail -1 | sed 's/=//g; s/^ *//')
+  line=$(tail -n +"$(($2 + 1))" "$LOG" | grep -E \
+    '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)|tests collected|no tests ran' \
+    | tail -1 | sed 's/=//g; s/^ *//')
   echo "  $1: ${line:-no pytest summary line (see gpu_check.log)}" >> "$SUMMARY"
 }
 
 echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) repo=$REPO out=$OUT_DIR max_n=$MAX_N" \
-  "budget=${BUDGET}s dry_run=$DRY_RUN commit=$(git rev-parse --short=12 HEAD 2>/dev/null)" | tee "$LOG"
+  "budget=${BUDGET}s dry_run=$DRY_RUN commit=$(git rev-parse --short=12 HEAD 2>/dev/null \
+  || echo "${PIECE_OPTIM_COMMIT:-unknown} (env)")" | tee "$LOG"
 
 ENV_PY='import sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
@@ -140,15 +143,18 @@ print('arch', csrc_build.cuda_arch_list(), 'sources', csrc_build.cpu_sources(pat
 + csrc_build.cuda_sources(pathlib.Path('.')), 'cuda', csrc_build.cuda_wanted())"
   stage backends 40 $PY -c "import piece_optim as p; print(p.available_backends('cpu'))"
   for be in cuda triton; do
+    at=$(wc -l < "$LOG")
     stage tests-$be 100 env PIECE_OPTIM_TEST_DEVICE=cuda PIECE_OPTIM_BACKEND=$be $PY -m pytest -q \
       -p no:cacheprovider --collect-only tests
-    test_counts tests-$be
+    test_counts tests-$be "$at"
   done
   TINY=--tiny
 else
   DEVICE=cuda
   unset TRITON_INTERPRET
-  stage env 30 bash -c "nvidia-smi && (nvcc --version | tail -2) && $PY -c '$ENV_PY' \
+  stage env 30 bash -c "nvidia-smi && ((command -v nvcc && nvcc --version | tail -2) \
+|| echo 'nvcc not on PATH') && $PY -c 'from torch.utils import cpp_extension as c; \
+print(\"CUDA_HOME\", c.CUDA_HOME)' && $PY -c '$ENV_PY' \
 && $PY -c 'import torch; assert torch.cuda.is_available(), \"torch sees no GPU\"'"
   ARCH=$($PY -c "import torch; c=torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')" \
     2>/dev/null || echo "")
@@ -165,14 +171,18 @@ MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -v -e
 print('available for cuda:', b); from piece_optim import _backends as B; print('load errors:', B._load_errors); \
 print('auto picks:', B.get_backend('auto', 'cuda').name, '| extension:', e.load()); \
 missing = {'triton', 'cuda'} - set(b); assert not missing, f'not loaded: {missing}'"
-  TIMEOUT_OPT=""
-  $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=60"
+  # 60 s per test (pytest-timeout) bounds a hung kernel; 4 xdist workers share the ~60
+  # one-off Triton compilations (CPU-bound, 16 cores here) when pytest-xdist is there.
+  TEST_OPTS=""
+  $PY -c "import pytest_timeout" 2>/dev/null && TEST_OPTS="--timeout=60"
+  $PY -c "import xdist" 2>/dev/null && TEST_OPTS="$TEST_OPTS -n 4"
   for be in cuda triton; do
     cap=100
     [ "$be" = triton ] && cap=150
+    at=$(wc -l < "$LOG")
     stage tests-$be $cap env PIECE_OPTIM_TEST_DEVICE=cuda PIECE_OPTIM_BACKEND=$be $PY -m pytest -q \
-      -p no:cacheprovider -rfE $TIMEOUT_OPT --junitxml="$OUT_DIR/tests-$be.xml" tests
-    test_counts tests-$be
+      -p no:cacheprovider -rfE $TEST_OPTS --junitxml="$OUT_DIR/tests-$be.xml" tests
+    test_counts tests-$be "$at"
   done
   TINY=
 fi

@@ -231,15 +231,21 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 
 def git_commit(repo: Path = REPO) -> str:
-    """Short commit hash of the repo (``+dirty`` if it has local changes), or "unknown"."""
+    """Short commit hash of the repo (``+dirty`` if it has local changes), or "unknown".
+
+    Outside a git checkout (e.g. a copy of the tree sent to a GPU machine),
+    ``PIECE_OPTIM_COMMIT`` names the commit instead (marked ``(env)``).
+    """
+    fallback = os.environ.get("PIECE_OPTIM_COMMIT", "").strip()
+    fallback = f"{fallback} (env)" if fallback else "unknown"
     try:
         rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo,
                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=repo, capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = rev.stdout.strip() or "unknown"
+        return fallback
+    commit = rev.stdout.strip() or fallback
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 
