@@ -309,6 +309,17 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
 
 std::string cpu_isa() { return pc::isa(); }
 
+// For benchmarks/bench_ext.py: the step's index range check alone (position of the first
+// index outside [0, numel), or -1).
+int64_t first_out_of_range(const Tensor& idx, int64_t numel) {
+  check_cpu(idx, "idx");
+  TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous() &&
+                  (idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong),
+              "piece_optim: idx must be a contiguous 1-D int32 or int64 tensor");
+  return pc::first_out_of_range(idx.data_ptr(), idx.scalar_type() == at::kLong, idx.numel(),
+                                numel);
+}
+
 // For tests: the chunk plan of a histogram pass (each chunk < 2**31 scores, see kernels.cpp).
 int64_t hist_num_chunks(int64_t total, int64_t threads) {
   return pc::hist_num_chunks(total, threads);
@@ -337,6 +348,7 @@ TORCH_LIBRARY(piece_optim, m) {
       "float weight_decay, bool grad_is_sparse, Tensor(e!)? status=None) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
   m.def("_hist_num_chunks(int total, int threads) -> int", &hist_num_chunks);
+  m.def("_first_out_of_range(Tensor idx, int numel) -> int");
 }
 
 TORCH_LIBRARY_IMPL(piece_optim, CPU, m) {
@@ -348,6 +360,7 @@ TORCH_LIBRARY_IMPL(piece_optim, CPU, m) {
   m.impl("score_histogram_many_", &score_histogram_many_);
   m.impl("compact", &compact);
   m.impl("adamw_step_many_", &adamw_step_many_);
+  m.impl("_first_out_of_range", &first_out_of_range);
 }
 
 // `import piece_optim._C` runs the registrations above; the module itself is empty.

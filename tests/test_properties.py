@@ -50,17 +50,25 @@ from test_triton_kernels import W_ULP, assert_ulp, ulp_of  # noqa: E402
 
 import piece_optim as po  # noqa: E402
 from piece_optim import _reference as ref  # noqa: E402
-from piece_optim._backends import get_backend  # noqa: E402
+from piece_optim._backends import (  # noqa: E402
+    BackendUnavailableError,
+    TorchBackend,
+    get_backend,
+)
 from piece_optim._select import ScoreSource, global_topk  # noqa: E402
 from piece_optim.mask import validate_indices  # noqa: E402
 
 pytestmark = [
+    pytest.mark.cpu_only("CPU tensors: the C++ kernels, the Triton interpreter, files"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
 ]
 
-BE = get_backend("auto", "cpu")  # the stage's backend (PIECE_OPTIM_BACKEND wins)
+try:
+    BE = get_backend("auto", "cpu")  # the stage's backend (PIECE_OPTIM_BACKEND wins)
+except BackendUnavailableError:  # a GPU stage (compiled Triton): cpu_only deselects us
+    BE = TorchBackend()
 TRITON = BE.name == "triton"
 TORCH_FMA = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 # Examples per test, (kernel-heavy tests, the others), per stage: the Triton interpreter

@@ -2,7 +2,8 @@
 
 One section per numbered item of the issue; each test failed before its fix.  They run in
 every backend stage of scripts/test.sh: ``backend="auto"`` follows PIECE_OPTIM_BACKEND,
-and the tests of one backend's kernels build that backend object directly.
+and the tests of one backend's kernels build that backend object directly.  CPU only
+(see the marker); the GPU paths of items 1 and 3 are in test_reliability_gpu.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from piece_optim import _reference as ref
 from piece_optim._backends import get_backend
 
 pytestmark = [
+    pytest.mark.cpu_only(
+        "CPU models, files, the C++ kernels and the Triton interpreter; "
+        "the GPU paths: test_reliability_gpu.py"
+    ),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
@@ -232,6 +237,34 @@ def test_triton_kernel_skips_and_flags_out_of_range_indices(seed):
     assert int(err[0]) == 1
     assert torch.equal(both[64:], pad)  # not written past the parameter
     assert m[2] == 0 and m[3] == 0 and v[2] == 0 and (m[:2] != 0).all()
+
+
+def test_step_op_schema_with_status_passes_opcheck(seed):
+    """The adamw_step_many_ schema gained ``Tensor(e!)? status`` (the CUDA kernels' flag)."""
+    pytest.importorskip("piece_optim._ext_backend").CpuBackend()
+    g = torch.Generator().manual_seed(seed)
+    p, m, v = torch.randn(300, generator=g), torch.zeros(7), torch.zeros(7)
+    idx = torch.tensor([0, 3, 9, 50, 51, 200, 299], dtype=torch.int32)
+    torch.library.opcheck(
+        torch.ops.piece_optim.adamw_step_many_.default,
+        (
+            [p],
+            [torch.randn(300, generator=g)],
+            [idx],
+            [m],
+            [v],
+            [torch.empty(0)],
+            [0.1],
+            [0.3],
+            1e-3,
+            0.9,
+            0.999,
+            1e-8,
+            0.0,
+            False,
+            torch.zeros(1, dtype=torch.int32),
+        ),
+    )
 
 
 # -- 4. torch backend, dense, bf16/fp16 params with 2+ dims -----------------------------------
@@ -713,8 +746,8 @@ def test_wide_unsigned_indices_are_handled(dtype):
 
 def test_meta_parameters_are_refused_clearly():
     with torch.device("meta"):
-        model = TinyNet()
-    with pytest.raises(ValueError, match="is on the meta device.*to_empty"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="'0.weight' is on the meta device.*to_empty"):
         po.ImportanceEstimator(model)
 
 

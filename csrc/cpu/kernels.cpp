@@ -287,20 +287,20 @@ void adamw_many(const std::vector<AdamItem>& items) {
 }
 
 namespace {
-// One sequential read of the indices (4 B each), no branch in the loop: it vectorises, and
-// costs ~1 us per 10K indices, next to the step's ~32 B of random access per entry.
-template <class I>
-int64_t first_out_of_range_t(const I* idx, int64_t k, int64_t numel) {
-  const uint64_t n = uint64_t(numel);
+// One sequential read of the indices, no branch in the loop so it vectorises: measured
+// (2-core AMD EPYC, plain x86-64 build) 1.8 us per 20K int32 indices, next to the step's
+// ~210 us for them; comparing int32 indices as uint32 was 6x faster than as uint64 there.
+template <class I, class U>
+int64_t first_out_of_range_t(const I* idx, int64_t k, U n) {
   constexpr int64_t B = 4096;
   for (int64_t lo = 0; lo < k; lo += B) {
     const int64_t hi = std::min(k, lo + B);
-    bool bad = false;
-    // a negative index becomes a huge unsigned one: one compare covers both ends
-    for (int64_t j = lo; j < hi; ++j) bad |= uint64_t(int64_t(idx[j])) >= n;
+    unsigned bad = 0;
+    // a negative index is a huge unsigned one: one compare covers both ends
+    for (int64_t j = lo; j < hi; ++j) bad |= U(idx[j]) >= n;
     if (bad) {
       for (int64_t j = lo; j < hi; ++j) {
-        if (uint64_t(int64_t(idx[j])) >= n) return j;
+        if (U(idx[j]) >= n) return j;
       }
     }
   }
@@ -309,8 +309,12 @@ int64_t first_out_of_range_t(const I* idx, int64_t k, int64_t numel) {
 }  // namespace
 
 int64_t first_out_of_range(const void* idx, bool idx64, int64_t k, int64_t numel) {
-  return idx64 ? first_out_of_range_t(static_cast<const int64_t*>(idx), k, numel)
-               : first_out_of_range_t(static_cast<const int32_t*>(idx), k, numel);
+  if (idx64) {
+    return first_out_of_range_t(static_cast<const int64_t*>(idx), k, uint64_t(numel));
+  }
+  // int32 indices: with numel >= 2**31 only the negative ones (>= 2**31 as uint32) are out
+  const uint32_t n = uint32_t(std::min<int64_t>(numel, int64_t(1) << 31));
+  return first_out_of_range_t(static_cast<const int32_t*>(idx), k, n);
 }
 
 void score(const ScoreSrc& src, float* out) {
