@@ -1,0 +1,133 @@
+"""FSDP2 masks and checkpoints across world sizes (2 processes, gloo, CPU).
+
+"One rank" runs on rank 0 alone: a 1-rank FSDP2 model on a mesh over ``new_group([0])``
+(DTensors, sharded state), and a plain model (no FSDP); rank 1 waits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from common import (
+    HP,
+    SAVE_AT,
+    TOL,
+    check,
+    full_weights,
+    global_state,
+    make_model,
+    rel_diffs,
+    same_state,
+    train,
+)
+from torch.distributed.device_mesh import DeviceMesh
+
+import piece_optim as po
+from piece_optim import distributed as pd
+
+
+def shard(model: torch.nn.Module, mesh: DeviceMesh | None = None) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.fc1, mesh=mesh)
+    fully_shard(model.fc2, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def one_rank_mesh(group) -> DeviceMesh:
+    return DeviceMesh.from_group(group, "cpu")
+
+
+def resume(
+    model: torch.nn.Module, mask: po.SparseMask, ckpt: str, group=None, *, dense: bool = False
+) -> po.SparseAdamW:
+    """Fresh optimizer (a wrong lr the checkpoint must overwrite) + DCP load of ``ckpt``."""
+    opt = po.SparseAdamW(
+        model.named_parameters(), mask=None if dense else mask, **{**HP, "lr": 0.5}
+    )
+    sd = {"model": model.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt, model)}
+    dcp.load(sd, checkpoint_id=ckpt, process_group=group)
+    model.load_state_dict(sd["model"])
+    pd.load_sharded_optimizer_state_dict(opt, model, sd["optim"])
+    check(opt.param_groups[0]["lr"] == HP["lr"], "DCP did not restore param_groups")
+    return opt
+
+
+def save(model: torch.nn.Module, opt: po.SparseAdamW, ckpt: str, group=None) -> None:
+    sd = {"model": model.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt, model)}
+    dcp.save(sd, checkpoint_id=ckpt, process_group=group)
+
+
+def scenario_two_to_one(seed: int, data, ref, ckpt: str, saved_state: dict, g1) -> dict:
+    """The 2-rank FSDP2 checkpoint (mask saved by rank 0) resumes on one rank, sharded or
+    plain: the state loads bit for bit and steps 4-6 match the uninterrupted run."""
+    _, start, _, ref_w = ref
+    res = {}
+    if dist.get_rank() == 0:
+        mask = po.SparseMask.load(os.path.join(ckpt, "mask.safetensors"))
+        for kind in ("fsdp1", "plain"):
+            model = make_model(seed + 1)
+            if kind == "fsdp1":
+                model = shard(model, one_rank_mesh(g1))
+            opt = resume(model, mask, ckpt, g1)
+            same_state(global_state(opt, model), saved_state, f"2->1 {kind}: loaded state")
+            train(model, opt, data[SAVE_AT:], split=False)
+            w, _ = rel_diffs(full_weights(model), ref_w, start)
+            check(w <= TOL, f"2->1 {kind}: differs from the uninterrupted run by {w:.3g}")
+            res[f"resume_2to1_{kind}_max_rel_diff"] = w
+    dist.barrier()
+    return res
+
+
+def scenario_one_to_two(seed: int, data, ref, ckpt: str, g1) -> dict:
+    """A 1-rank FSDP2 run saves at step 3; 2 ranks resume it and match the uninterrupted run."""
+    ref_mask, start, _, ref_w = ref
+    saved: list = [None]
+    if dist.get_rank() == 0:
+        model = shard(make_model(seed), one_rank_mesh(g1))
+        opt = po.SparseAdamW(model.named_parameters(), mask=ref_mask, **HP)
+        train(model, opt, data[:SAVE_AT], split=False)
+        ref_mask.save(os.path.join(ckpt, "mask.safetensors"))
+        save(model, opt, ckpt, g1)
+        saved = [global_state(opt, model)]
+    dist.broadcast_object_list(saved, src=0)
+    mask = po.SparseMask.load(os.path.join(ckpt, "mask.safetensors"))
+    model = shard(make_model(seed + 1))
+    opt = resume(model, mask, ckpt)
+    same_state(global_state(opt, model, dist.group.WORLD), saved[0], "1->2: loaded state")
+    local_k = opt.trainable_numel()
+    train(model, opt, data[SAVE_AT:], split=True)
+    w, _ = rel_diffs(full_weights(model), ref_w, start)
+    check(w <= TOL, f"1->2: differs from the uninterrupted run by {w:.3g}")
+    ks: list = [None, None]
+    dist.all_gather_object(ks, local_k)
+    check(sum(ks) == ref_mask.numel_selected() and min(ks) > 0, f"1->2: local k {ks}")
+    return {"resume_1to2_max_rel_diff": w, "resume_1to2_local_k": ks}
+
+
+def scenario_dense_two_to_one(seed: int, data, ckpt: str, g1) -> dict:
+    """mask=None (DTensor moments) saved on 2 ranks, resumed in one plain process."""
+    model = shard(make_model(seed))
+    opt = po.SparseAdamW(model.parameters(), **HP)
+    train(model, opt, data[:2], split=True)
+    save(model, opt, ckpt)
+    twin = {"w": None}
+    if dist.get_rank() == 0:
+        plain = make_model(seed + 1)
+        opt1 = resume(plain, None, ckpt, g1, dense=True)
+        train(plain, opt1, data[2:3], split=False)
+        twin["w"] = full_weights(plain)
+    train(model, opt, data[2:3], split=True)
+    got = full_weights(model)
+    res = {}
+    if dist.get_rank() == 0:
+        start = full_weights(make_model(seed))
+        w, _ = rel_diffs(twin["w"], got, start)
+        check(w <= TOL, f"dense 2->1: differs from the 2-rank run by {w:.3g}")
+        res["resume_dense_2to1_max_rel_diff"] = w
+    dist.barrier()
+    return res
