@@ -85,7 +85,7 @@ def test_dcp_resume_across_world_sizes(dist_run: dict) -> None:
     (checked in the worker) and the run continues as the uninterrupted one."""
     for key in ("resume_2to1_fsdp1", "resume_2to1_plain", "resume_1to2", "resume_dense_2to1"):
         assert dist_run[f"{key}_max_rel_diff"] <= 1e-5, key
-    assert sum(dist_run["resume_1to2_local_k"]) == dist_run["k"]
+    assert min(dist_run["resume_1to2_local_k"]) > 0
 
 
 def test_fsdp2_dense_is_adamw(dist_run: dict) -> None:

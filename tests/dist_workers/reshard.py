@@ -83,15 +83,39 @@ def scenario_two_to_one(seed: int, data, ref, ckpt: str, saved_state: dict, g1) 
     return res
 
 
+def one_sided(mask: po.SparseMask) -> po.SparseMask:
+    """``mask`` with fc1.bias selected in rank 0's rows only and fc2.bias in rank 1's only
+    (2 ranks: rows [0, 15) / [15, 29) and [0, 19) / [19, 37)), so each rank has a param
+    with no selected entry in its shard: no state there, yet its step must survive."""
+    idx = {n: mask[n] for n in mask.names()}
+    idx["fc1.bias"] = torch.tensor([0, 3, 14], dtype=torch.int32)
+    idx["fc2.bias"] = torch.tensor([19, 30, 36], dtype=torch.int32)
+    order = [n for n, _ in make_model(0).named_parameters() if n in idx]
+    shapes = {n: tuple(p.shape) for n, p in make_model(0).named_parameters()}
+    return po.SparseMask(
+        {n: idx[n] for n in order}, {n: shapes[n] for n in order}, mask.numel_total()
+    )
+
+
 def scenario_one_to_two(seed: int, data, ref, ckpt: str, g1) -> dict:
-    """A 1-rank FSDP2 run saves at step 3; 2 ranks resume it and match the uninterrupted run."""
-    ref_mask, start, _, ref_w = ref
+    """A 1-rank FSDP2 run saves at step 3; 2 ranks resume it and match the uninterrupted
+    one-process run (each rank holding a param with no selected entry in its shard)."""
+    _, start, _, _ = ref
+    mask0 = one_sided(ref[0])
+    uninterrupted = make_model(seed)
+    train(
+        uninterrupted,
+        po.SparseAdamW(uninterrupted.named_parameters(), mask=mask0, **HP),
+        data,
+        split=False,
+    )
+    ref_w = full_weights(uninterrupted)
     saved: list = [None]
     if dist.get_rank() == 0:
         model = shard(make_model(seed), one_rank_mesh(g1))
-        opt = po.SparseAdamW(model.named_parameters(), mask=ref_mask, **HP)
+        opt = po.SparseAdamW(model.named_parameters(), mask=mask0, **HP)
         train(model, opt, data[:SAVE_AT], split=False)
-        ref_mask.save(os.path.join(ckpt, "mask.safetensors"))
+        mask0.save(os.path.join(ckpt, "mask.safetensors"))
         save(model, opt, ckpt, g1)
         saved = [global_state(opt, model)]
     dist.broadcast_object_list(saved, src=0)
@@ -99,14 +123,26 @@ def scenario_one_to_two(seed: int, data, ref, ckpt: str, g1) -> dict:
     model = shard(make_model(seed + 1))
     opt = resume(model, mask, ckpt)
     same_state(global_state(opt, model, dist.group.WORLD), saved[0], "1->2: loaded state")
+    mine = {id(p) for p in opt.selected_params()}
+    held = {n for n, p in model.named_parameters() if id(p) in mine}
+    check(("fc1.bias" in held) == (dist.get_rank() == 0), "1->2: fc1.bias on rank 0 only")
+    check(("fc2.bias" in held) == (dist.get_rank() == 1), "1->2: fc2.bias on rank 1 only")
     local_k = opt.trainable_numel()
     train(model, opt, data[SAVE_AT:], split=True)
     w, _ = rel_diffs(full_weights(model), ref_w, start)
     check(w <= TOL, f"1->2: differs from the uninterrupted run by {w:.3g}")
     ks: list = [None, None]
     dist.all_gather_object(ks, local_k)
-    check(sum(ks) == ref_mask.numel_selected() and min(ks) > 0, f"1->2: local k {ks}")
-    return {"resume_1to2_max_rel_diff": w, "resume_1to2_local_k": ks}
+    check(sum(ks) == mask.numel_selected() and min(ks) > 0, f"1->2: local k {ks}")
+    # and back to one rank: the step of a param a rank held no state for is kept
+    save(model, opt, ckpt + "_back")
+    final = global_state(opt, model, dist.group.WORLD)
+    if dist.get_rank() == 0:
+        plain = make_model(seed + 2)
+        opt1 = resume(plain, mask, ckpt + "_back", g1)
+        same_state(global_state(opt1, plain), final, "1->2->1: loaded state")
+    dist.barrier()
+    return {"resume_1to2_max_rel_diff": w, "resume_1to2_local_k": ks, "resume_1to2_k": sum(ks)}
 
 
 def scenario_dense_two_to_one(seed: int, data, ckpt: str, g1) -> dict:
