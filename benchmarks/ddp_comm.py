@@ -11,7 +11,8 @@ same on both ranks: same seed and data, checked with ``assert_same_mask``), the 
   gradient (the hook's ``bytes_dense`` counter, checked against the model's size), the
   hook = ``comm_stats(opt).bytes_sent``;
 * the median step time (forward + backward + ``opt.step()``, after 2 warm-up steps, as
-  DDP rebuilds its buckets after the first) of both.
+  DDP rebuilds its buckets after the first) of both, interleaved step by step;
+* the ``all_reduce`` of each payload alone.
 
 It then projects the all-reduce time of one step of a 7B model (bf16 gradients, 14 GB) on
 8 GPUs over a 100 GB/s link from the measured byte ratio, with the ring all-reduce model
@@ -25,6 +26,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,11 +35,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import piece_optim as po  # noqa: E402
-from benchmarks.harness import append_rows, make_row, provenance, time_fn  # noqa: E402
+from benchmarks.harness import Timing, append_rows, iqr, make_row, median, provenance, time_fn  # noqa: E402
 from benchmarks.state_bytes import model_10m  # noqa: E402
 from piece_optim import distributed as pd  # noqa: E402
 
-VOCAB, BATCH, SEQ = 8000, 2, 32
+# One sequence of 32 tokens per rank: small enough that on CPU the backward compute does
+# not hide the all-reduce DDP overlaps with it (at 2x32 it hid most of it).
+VOCAB, BATCH, SEQ = 8000, 1, 32
 PROJ_PARAMS, PROJ_BYTES, PROJ_RANKS, PROJ_GBPS = 7e9, 2, 8, 100.0
 
 
@@ -80,19 +84,20 @@ def run(ratios: list[float], csv: str | None, repeats: int) -> None:
         n_params = sum(p.numel() for p in ref.parameters())
         dense_bytes = sum(p.numel() * p.element_size() for p in ref.parameters() if p.requires_grad)
 
-        timings, sent = {}, {}
+        sent: dict[str, int] = {}
+        steps: dict[str, Callable[[], None]] = {}
         for kind in ("ddp", "hook"):
             model = DDP(model_10m(torch.float32))
             opt = po.SparseAdamW(model.module.named_parameters(), mask=mask, lr=1e-4)
             if kind == "hook":
                 model.register_comm_hook(opt, pd.sparse_allreduce_hook)
-            step = make_step(model, opt, xs)
+            steps[kind] = make_step(model, opt, xs)
             for _ in range(2):  # warm-up: DDP rebuilds its buckets after the first step
-                step()
+                steps[kind]()
             if kind == "hook":
                 st = pd.comm_stats(opt)
                 st.reset()
-                step()
+                steps[kind]()
                 if st.bytes_dense != dense_bytes:
                     raise RuntimeError(
                         f"hook counted {st.bytes_dense} dense B, model {dense_bytes}"
@@ -100,8 +105,22 @@ def run(ratios: list[float], csv: str | None, repeats: int) -> None:
                 sent[kind] = st.bytes_sent
             else:
                 sent[kind] = dense_bytes
-            dist.barrier()
-            timings[kind] = time_fn(step, warmup=0, repeats=repeats, min_time_s=0.0)
+        # Interleaved (ddp, hook, hook, ddp, ...): the shared machine's load drifts over a
+        # run, so timing one variant after the other would compare different loads.
+        samples: dict[str, list[float]] = {"ddp": [], "hook": []}
+        for r in range(repeats):
+            for kind in ("ddp", "hook") if r % 2 == 0 else ("hook", "ddp"):
+                dist.barrier()
+                t0 = time.perf_counter()
+                steps[kind]()
+                samples[kind].append((time.perf_counter() - t0) * 1e3)
+        timings = {k: Timing(median(v), iqr(v), tuple(v)) for k, v in samples.items()}
+        # the collective alone, on the same payloads (ranks call it in lockstep: min_time_s=0)
+        for kind in ("ddp", "hook"):
+            payload = torch.ones(sent[kind] // 4)
+            timings[f"allreduce_{kind}"] = time_fn(
+                lambda t=payload: dist.all_reduce(t), warmup=1, repeats=repeats, min_time_s=0.0
+            )
         k = mask.numel_selected()
         byte_ratio = sent["hook"] / sent["ddp"]
         proj_ddp = ring_seconds(PROJ_PARAMS * PROJ_BYTES)
@@ -120,6 +139,8 @@ def run(ratios: list[float], csv: str | None, repeats: int) -> None:
                 bytes_per_step_ddp=sent["ddp"],
                 bytes_per_step_hook=sent["hook"],
                 byte_ratio=byte_ratio,
+                allreduce_ms_ddp=timings["allreduce_ddp"].median_ms,
+                allreduce_ms_hook=timings["allreduce_hook"].median_ms,
                 world=world,
                 batch=f"{BATCH}x{SEQ} per rank",
                 projected_7b_8gpu_100gbps_ms_ddp=proj_ddp * 1e3,
@@ -130,6 +151,8 @@ def run(ratios: list[float], csv: str | None, repeats: int) -> None:
             f"| {ratio:g} | {k:,} | {sent['ddp']:,} | {sent['hook']:,} | {1 / byte_ratio:,.0f}x | "
             f"{timings['ddp'].median_ms:.0f} | {timings['hook'].median_ms:.0f} | "
             f"{timings['ddp'].median_ms / timings['hook'].median_ms:.2f}x | "
+            f"{timings['allreduce_ddp'].median_ms:.1f} -> "
+            f"{timings['allreduce_hook'].median_ms:.2f} | "
             f"{proj_ddp * 1e3:.0f} ms -> {proj_hook * 1e3:.2f} ms |"
         )
     if rank == 0:
@@ -139,9 +162,9 @@ def run(ratios: list[float], csv: str | None, repeats: int) -> None:
         )
         print(
             "| ratio | k | B/step DDP | B/step hook | fewer B | ms/step DDP | ms/step hook | "
-            "speedup | 7B, 8 GPUs, 100 GB/s (all-reduce/step) |"
+            "speedup | all_reduce alone, ms | 7B, 8 GPUs, 100 GB/s (all-reduce/step) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
         if csv:
             append_rows(csv, rows)
