@@ -79,14 +79,18 @@ def _grads_after(model: DDP, micro) -> dict[str, torch.Tensor]:
 
 def scenario_hook_grads(seed: int, data, ref_mask: po.SparseMask) -> dict:
     """Gradients after backward, hook vs plain DDP, fp32 and bf16, with no_sync accumulation:
-    equal bit for bit at the selected entries, zero elsewhere; mask=None is plain DDP."""
+    equal bit for bit at the selected entries, zero elsewhere; mask=None is plain DDP.
+    The bf16 run uses ``gradient_as_bucket_view=True`` (``p.grad`` is the bucket)."""
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         plain = DDP(make_model(seed).to(dtype))
         # small buckets, each mixing selected and frozen params (DDP puts everything in one
         # bucket for the first backward and rebuilds the buckets for the second)
         hooked, opt = _hooked(
-            make_model(seed).to(dtype), prefixed(ref_mask, "module."), bucket_cap_mb=0.002
+            make_model(seed).to(dtype),
+            prefixed(ref_mask, "module."),
+            bucket_cap_mb=0.002,
+            gradient_as_bucket_view=dtype == torch.bfloat16,
         )
         dense, _ = _hooked(make_model(seed).to(dtype), None)
         for micro in (data[:3], data[3:5]):
