@@ -402,12 +402,21 @@ class SparseAllreduceState:
     """
 
     def __init__(self, optimizer: SparseAdamW, process_group: Any | None = None) -> None:
-        self.optimizer = optimizer
+        # weak: the per-optimizer cache (a WeakKeyDictionary) maps the optimizer to this
+        # state, and a strong reference back would keep both alive forever
+        self._optimizer = weakref.ref(optimizer)
         self.process_group = process_group
         self.stats = CommStats()
         # (bucket index, param ids) -> positions to reduce (None: the whole bucket).  DDP
         # rebuilds its buckets once after the first iteration, hence the param ids.
         self._plans: dict[tuple, Tensor | None] = {}
+
+    @property
+    def optimizer(self) -> SparseAdamW:
+        opt = self._optimizer()
+        if opt is None:
+            raise RuntimeError("sparse_allreduce_hook: the optimizer was garbage-collected")
+        return opt
 
     def _group(self) -> Any:
         return self.process_group if self.process_group is not None else dist.group.WORLD

@@ -60,7 +60,7 @@ def test_fsdp2_matches_one_process(dist_run: dict) -> None:
 def test_fsdp2_llama_matches_one_process(dist_run: dict) -> None:
     pytest.importorskip("transformers")
     assert dist_run["llama_k"] > 0
-    assert dist_run["llama_fsdp_max_rel_diff"] <= 1e-5
+    assert dist_run["llama_fsdp_max_rel_diff"] < 1e-4
 
 
 def test_ddp_matches_one_process(dist_run: dict) -> None:
@@ -139,6 +139,19 @@ def test_helpers_need_a_process_group(seed: int) -> None:
 def test_sparse_allreduce_hook_needs_the_optimizer() -> None:
     with pytest.raises(TypeError, match="SparseAdamW as state"):
         pd.sparse_allreduce_hook(None, object())
+
+
+def test_comm_stats_do_not_keep_the_optimizer_alive() -> None:
+    import gc
+    import weakref
+
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = po.SparseAdamW([p])
+    assert pd.comm_stats(opt).bytes_sent == 0
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
 
 
 def test_plain_tensors_pass_through() -> None:
