@@ -100,8 +100,8 @@ def test_sharded_topk_with_ties(dist_run: dict) -> None:
 
 def test_trainer_under_ddp_matches_one_process(dist_run: dict) -> None:
     pytest.importorskip("transformers")
-    assert dist_run["trainer_max_rel_diff"] <= 1e-5
-    assert dist_run["trainer_hook_max_rel_diff"] <= 1e-5
+    assert dist_run["trainer_max_rel_diff"] < 1e-4  # LLAMA_TOL of the worker
+    assert dist_run["trainer_hook_max_rel_diff"] < 1e-4
 
 
 # -- one process --------------------------------------------------------------------------
