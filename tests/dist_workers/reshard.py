@@ -167,3 +167,32 @@ def scenario_dense_two_to_one(seed: int, data, ckpt: str, g1) -> dict:
         res["resume_dense_2to1_max_rel_diff"] = w
     dist.barrier()
     return res
+
+
+def scenario_rank_without_entries(seed: int, data, ckpt: str, g1) -> dict:
+    """A mask whose entries all sit in rank 0's shard: rank 1's optimizer trains nothing
+    (no error, no state), training equals one process, and the checkpoint (with rank 1
+    contributing no piece) resumes in one process with the state bit for bit."""
+    model0 = make_model(seed)
+    shapes = {n: tuple(p.shape) for n, p in model0.named_parameters()}
+    total = sum(p.numel() for p in model0.parameters() if p.requires_grad)
+    mask = po.SparseMask(
+        {"fc1.bias": torch.tensor([0, 3, 14], dtype=torch.int32)},
+        {"fc1.bias": shapes["fc1.bias"]},
+        total,
+    )
+    start = full_weights(model0)
+    train(model0, po.SparseAdamW(model0.named_parameters(), mask=mask, **HP), data[:3], False)
+    model = shard(make_model(seed))
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask, **HP)
+    check((opt.trainable_numel() == 0) == (dist.get_rank() == 1), "rank 1 should train nothing")
+    train(model, opt, data[:3], split=True)
+    w, _ = rel_diffs(full_weights(model), full_weights(model0), start)
+    check(w <= TOL, f"rank without entries: differs from one process by {w:.3g}")
+    save(model, opt, ckpt)
+    saved = global_state(opt, model, dist.group.WORLD)
+    if dist.get_rank() == 0:
+        plain = make_model(seed + 1)
+        same_state(global_state(resume(plain, mask, ckpt, g1), plain), saved, "no entries: load")
+    dist.barrier()
+    return {"rank_without_entries_max_rel_diff": w}

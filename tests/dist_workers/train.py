@@ -324,6 +324,16 @@ def main() -> None:
             g1,
         )
     )
+    res.update(
+        timed(
+            "rank_without_entries",
+            reshard.scenario_rank_without_entries,
+            seed,
+            data,
+            os.path.join(out, "ckpt_one_rank_entries"),
+            g1,
+        )
+    )
     res.update(timed("fsdp_dense", scenario_fsdp_dense, seed, data))
     res.update(
         timed(
