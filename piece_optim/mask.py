@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from ._reference import index_dtype_for
-from .distributed import local_tensor
 
 _FORMAT = "piece_optim.SparseMask/1"
 _LEGACY_KEYS = frozenset({"format", "numel_total", "shapes", "order"})  # before checksums
@@ -77,10 +76,12 @@ class SparseMask(Mapping[str, Tensor]):
     """Sorted flat indices of the selected entries, per parameter name.
 
     ``mask[name]`` is a 1-D int32 tensor (int64 for tensors of 2**31 or more entries) of
-    sorted unique flat indices.  Parameters with no selected entry have no key (they are
-    frozen by :class:`SparseAdamW`).  ``numel_total()`` is the total trainable numel the
-    ratio was taken of (excluded tensors included), so ``ratio`` is the fraction of the
-    model that trains.
+    sorted unique flat indices into the full parameter (``param.view(-1)``; under FSDP2
+    the unsharded parameter, so a mask is the same on every rank and for any world size).
+    Parameters with no selected entry have no key (they are frozen by
+    :class:`SparseAdamW`).  ``numel_total()`` is the total trainable numel the ratio was
+    taken of (excluded tensors included), so ``ratio`` is the fraction of the model that
+    trains.
 
     The mask owns its indices: the constructor copies the tensors it is given, and
     ``mask[name]`` (so also ``items()``, ``values()``) and :meth:`bind` return copies.
@@ -189,7 +190,7 @@ class SparseMask(Mapping[str, Tensor]):
                     "for another model?"
                 )
             p = params[name]
-            shape = tuple(local_tensor(p).shape)  # FSDP2: masks index the local shard
+            shape = tuple(p.shape)  # FSDP2 too: a DTensor's shape is the full parameter's
             if shape != self._shapes[name]:
                 raise ValueError(
                     f"SparseMask.bind: parameter {name!r} has shape {shape}, the mask "

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from . import _hooks
 from ._backends import validate_backend_name
 from ._reference import compute_dtype
-from .distributed import local_tensor
+from .distributed import local_tensor, refuse_sparse_grads, shard_indices
 from .functional import refuse_foreign_adam_flags, sparse_adamw
 from .mask import SparseMask, union_indices, validate_indices
 
@@ -39,7 +39,8 @@ class SparseAdamW(Optimizer):
             ``(name, param)`` pairs (e.g. ``model.named_parameters()``).
         mask: ``None`` (dense AdamW), a :class:`SparseMask` / mapping of parameter name to
             indices (needs named params), or a mapping of parameter tensor to indices
-            (``mask.bind(model)``).  Indices are sorted unique flat positions.
+            (``mask.bind(model)``).  Indices are sorted unique flat positions in the full
+            parameter, under FSDP2 too (each rank keeps the part in its shard).
         lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`; weight decay is
             decoupled and touches the selected entries only.
         sparse_grads: gather each gradient at the selected entries from a
@@ -175,7 +176,7 @@ class SparseAdamW(Optimizer):
 
     def _register_param(self, p: Tensor, name: str | None) -> None:
         what = repr(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
-        lp = local_tensor(p)  # FSDP2: masks index the local shard (see distributed.py)
+        lp = local_tensor(p)  # FSDP2: the mask is global; the step runs on the local shard
         if name is not None:
             self._names.setdefault(p, name)  # the first name of a Parameter listed twice
         if self._mask_kind == "dense":
@@ -189,10 +190,10 @@ class SparseAdamW(Optimizer):
             if name not in self._mask_by_name:
                 return  # frozen
             self._matched.add(name)
-            if name in self._mask_shapes and tuple(lp.shape) != self._mask_shapes[name]:
+            if name in self._mask_shapes and tuple(p.shape) != self._mask_shapes[name]:
                 raise ValueError(
                     f"mask entry {name!r} was made for shape {self._mask_shapes[name]}, the "
-                    f"parameter has shape {tuple(lp.shape)}"
+                    f"parameter has shape {tuple(p.shape)}"
                 )
             idx = self._mask_by_name[name]
         else:
@@ -207,7 +208,8 @@ class SparseAdamW(Optimizer):
         if p.is_complex():
             raise ValueError(f"{what}: complex parameters are not supported")
         if idx is not None:
-            idx = validate_indices(idx, lp.numel(), f"mask[{what}]").to(p.device)
+            idx = validate_indices(idx, p.numel(), f"mask[{what}]")
+            idx = shard_indices(p, idx).to(p.device)  # FSDP2: this rank's part, local positions
             if idx.numel() == 0:
                 return
         if p in self._selection:  # the same Parameter under a second name: both names' entries
@@ -327,7 +329,7 @@ class SparseAdamW(Optimizer):
         if not self.sparse_grads:
             return
         params = list(params)
-        _refuse_sparse_grads_when_distributed(params)
+        refuse_sparse_grads(params)  # DDP / FSDP2: see piece_optim.distributed
         # The hook holds a weak reference: params outliving the optimizer must not keep it
         # (and its state) alive.
         ref = weakref.ref(self)
@@ -544,32 +546,3 @@ def _drop_duplicates(group: dict[str, Any]) -> None:
     group["params"] = [params[i] for i in keep]
     if names is not None:
         group["param_names"] = [names[i] for i in keep]
-
-
-def _refuse_sparse_grads_when_distributed(params: list[Tensor]) -> None:
-    """``sparse_grads=True`` is single-process only (decision, documented here).
-
-    Its post-accumulate-grad hooks gather a gradient the moment autograd accumulates it:
-    under DDP that is before the gradients are averaged across ranks (the hook would keep
-    the local, unreduced gradient), and FSDP2 writes its reduce-scattered gradient shards
-    outside autograd, so the hooks would not see them at all.  Either way training would
-    silently differ from one process, so both are refused.
-    """
-    from .distributed import is_dtensor
-
-    if any(is_dtensor(p) for p in params):
-        raise NotImplementedError(
-            "SparseAdamW(sparse_grads=True) does not support FSDP2 (DTensor) parameters: "
-            "FSDP2 reduce-scatters gradients outside autograd, where the sparse-gradient hooks "
-            "cannot see them. Use sparse_grads=False (the default) with FSDP2"
-        )
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        raise NotImplementedError(
-            "SparseAdamW(sparse_grads=True) is single-process only: under DDP its hooks would "
-            "gather each gradient before DDP averages it across ranks. Use sparse_grads=False "
-            "(the default) when training with several processes"
-        )
