@@ -321,7 +321,7 @@ class SparseAdamW(Optimizer):
         frozen = [p for p in unmatched if not p.requires_grad]
         if frozen:
             return msg + (
-                f"; {len(frozen)} of them are frozen (requires_grad=False), and Trainer (like "
+                f"; {len(frozen)} of them frozen (requires_grad=False): Trainer (like "
                 "most training code) passes only trainable parameters to the optimizer. "
                 "Wrappers such as PEFT freeze the base model's weights: unfreeze the selected "
                 "ones before the optimizer is made (for n in mask.names(): "
@@ -622,15 +622,19 @@ class SparseAdamW(Optimizer):
         id_map = dict(zip(saved_ids, params, strict=True))
         record = state_dict.get(MASK_KEY)
         selection = self._selection
-        if self._mask_kind == "pending":
-            if record is None:
+        # pending: the mask comes from this state_dict, unless it is one without a mask
+        # (accelerate.prepare round-trips a new optimizer's own state_dict, for instance)
+        adopt = self._mask_kind == "pending" and bool(record and record["indices"])
+        if adopt:
+            selection = self._selection_of(record, id_map)
+            if not any(p.requires_grad for p in selection):
+                raise ValueError("the state_dict's mask leaves nothing to train")
+        elif self._mask_kind == "pending":
+            if state_dict["state"]:
                 raise ValueError(
                     "this optimizer takes its mask from the state_dict, which carries none "
                     "(not saved by SparseAdamW): resume from a checkpoint made with use_piece"
                 )
-            selection = self._selection_of(record, id_map)
-            if not any(p.requires_grad for p in selection):
-                raise ValueError("the state_dict's mask leaves nothing to train")
         elif record is not None:
             self._check_same_mask(record, id_map)
         for sid, st in state_dict["state"].items():
@@ -661,7 +665,7 @@ class SparseAdamW(Optimizer):
             sg["params"] = g["params"]
             if "param_names" in g and "param_names" not in sg:
                 sg["param_names"] = g["param_names"]
-        if self._mask_kind == "pending":
+        if adopt:
             self._adopt(selection, record)
         Optimizer.__setstate__(self, {"state": state, "param_groups": saved_groups})
         for idx_p in list(self._selection):
