@@ -216,6 +216,8 @@ class SparseMask(Mapping[str, Tensor]):
                 mapping[name] = name
                 continue
             hits = by_canon.get(canonical_name(name), [])
+            if name not in self._idx and len(hits) != 1:
+                continue  # a shape without selected entries: not needed
             if len(hits) != 1:
                 why = "no parameter" if not hits else f"{len(hits)} parameters ({hits[:3]})"
                 raise KeyError(
@@ -229,7 +231,10 @@ class SparseMask(Mapping[str, Tensor]):
                     f"SparseMask.for_model: {old!r} -> {new!r} has shape {shapes[new]}, the "
                     f"mask was made for {self._shapes[old]}"
                 )
-        return self.rename(mapping)
+        kept = SparseMask(
+            self._idx, {n: s for n, s in self._shapes.items() if n in mapping}, self._numel_total
+        )
+        return kept.rename(mapping)
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
