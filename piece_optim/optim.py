@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ._backends import validate_backend_name
 from ._sparse_grad import SparseGrad
@@ -205,7 +206,10 @@ class SparseAdamW(Optimizer):
                 f"mask must be None, a SparseMask or a mapping, got {type(mask).__name__}"
             )
 
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        # differentiable=False: read by torch's step decorator (below), as in AdamW's defaults
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, differentiable=False
+        )
         super().__init__(params, defaults)
         self._check_mask_trains()
 
@@ -402,7 +406,9 @@ class SparseAdamW(Optimizer):
         return out
 
     # -- step ----------------------------------------------------------------------------
-    @torch.no_grad()
+    # torch's own step decorator (no grad, and under torch.compile the two graph breaks torch
+    # puts around every optimizer step so AOT sees an inference graph: pytorch#104053)
+    @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         if self._closed:
             raise RuntimeError("step(): this optimizer was closed (sparse_grads hooks removed)")

@@ -262,8 +262,19 @@ def test_trainer_gradient_accumulation_sparse_equals_dense_grads(seed: int, tmp_
 
 
 @pytest.mark.parametrize("path", ["use_piece", "cls_and_kwargs", "optimizers"])
-def test_trainer_resume_is_bit_exact(seed: int, tmp_path, path: str) -> None:
-    """Save at step 3, resume to step 6 in a fresh Trainer: the same weights as 6 steps."""
+def test_trainer_resume_is_bit_exact(seed: int, tmp_path, path: str, monkeypatch) -> None:
+    """Save at step 3, resume to step 6 in a fresh Trainer: the same weights as 6 steps.
+
+    use_piece estimates once; the resumed run takes the mask from the checkpoint (estimating
+    on the checkpoint's weights would give another mask).
+    """
+    import piece_optim.integrations as integrations
+
+    estimated = []
+    real_estimate = integrations.estimate_mask
+    monkeypatch.setattr(
+        integrations, "estimate_mask", lambda *a, **k: estimated.append(1) or real_estimate(*a, **k)
+    )
     ds = Tokens(seed)
     base = tiny_llama(seed)
     mask = estimate_mask(copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB,
@@ -286,7 +297,9 @@ def test_trainer_resume_is_bit_exact(seed: int, tmp_path, path: str) -> None:
         return model, piece
 
     full, piece = run(tmp_path / "a", None)
+    assert len(estimated) == (path == "use_piece")
     resumed, piece2 = run(tmp_path / "a", str(tmp_path / "a" / "checkpoint-3"))
+    assert len(estimated) == (path == "use_piece")  # no estimation on resume
     assert same(full, resumed)
     assert not same(full, base)
     if path == "use_piece":
