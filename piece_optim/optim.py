@@ -98,8 +98,8 @@ class SparseAdamW(Optimizer):
         params keep their dense gradient).  GradScaler likewise checks the selected entries
         for inf/NaN only.  Any other operation on a SparseGrad raises.
         Params frozen by the mask get their gradient dropped.  A param unfrozen after the
-        optimizer was made gets its hook at the next :meth:`step` or :meth:`zero_grad`
-        (until then its gradient stays dense, and is used as such).  :meth:`close` removes
+        optimizer was made gets its hook at the next eager :meth:`step` or
+        :meth:`zero_grad` (until then its gradient stays dense, and is used as such).  :meth:`close` removes
         the hooks.  Single-process only (DDP/FSDP2 refused, see below).
 
     bf16/fp16 master weights
@@ -114,6 +114,8 @@ class SparseAdamW(Optimizer):
         Under ``torch.compile``, and whenever ``lr`` or a beta is a Tensor, the update runs
         as torch ops written like torch's single-tensor AdamW (step counters stay tensors:
         no ``.item()`` graph break), on every backend; otherwise the backend's fused kernel.
+
+    What still differs from AdamW, and why: ``docs/adamw_parity.md``.
     """
 
     def __init__(
@@ -416,7 +418,7 @@ class SparseAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.sparse_grads:
+        if self.sparse_grads and not torch.compiler.is_compiling():
             self._install_hooks(self._ordered_params())  # params unfrozen since
         for group in self.param_groups:
             # [dense-grad tensors, sparse-grad tensors]: params, grads, idxs, m, v, masters, steps

@@ -213,6 +213,27 @@ def test_state_dict_is_deterministic_and_reloads_mid_run(seed, masked):
         assert all(torch.equal(st[k], st2[k]) for k in st)
 
 
+def test_adamw_state_dict_loads_into_mask_none_and_back(seed):
+    """mask=None keeps AdamW's state layout: checkpoints move both ways mid-run."""
+    data = batches(6, seed + 1)
+    case = Case(seed, False)
+    case.step(data[:3])
+    model = copy.deepcopy(case.twin)
+    opt = po.SparseAdamW(model.named_parameters(), **HP)
+    opt.load_state_dict(case.ref.state_dict())  # AdamW's state_dict into SparseAdamW
+    back = torch.optim.AdamW(case.model.parameters(), **HP)
+    back.load_state_dict(case.opt.state_dict())  # and SparseAdamW's into AdamW
+    for x, y in data[3:]:
+        for m, o in ((model, opt), (case.twin, case.ref), (case.model, back)):
+            m.loss(x, y).backward()
+            o.step()
+            o.zero_grad()
+    for (n, p), q, r in zip(
+        model.named_parameters(), case.twin.parameters(), case.model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q) and torch.equal(r, q), n
+
+
 def assert_state_dicts_equal(a: dict, b: dict) -> None:
     assert a["param_groups"] == b["param_groups"]
     assert a["state"].keys() == b["state"].keys()
@@ -293,8 +314,8 @@ def test_hooks_run_like_torchs(seed, masked):
 
 @masked
 def test_tensor_lr_is_treated_as_adamw_treats_it(seed, masked):
-    """A Tensor lr (with a scheduler writing into it): fp32 scalar math, as torch's AdamW."""
-    case = Case(seed, masked, lr=torch.tensor(2e-2))
+    """Tensor lr and betas (a scheduler writing into lr): fp32 scalar math, as AdamW's."""
+    case = Case(seed, masked, lr=torch.tensor(2e-2), betas=(torch.tensor(0.8), torch.tensor(0.95)))
     scheds = [
         torch.optim.lr_scheduler.LinearLR(o, start_factor=0.3, total_iters=5)
         for o in (case.opt, case.ref)
@@ -307,12 +328,16 @@ def test_tensor_lr_is_treated_as_adamw_treats_it(seed, masked):
     case.assert_equal()
 
 
-@masked
-def test_compiled_step_has_no_graph_break_and_equals_compiled_adamw(seed, masked):
+@pytest.mark.parametrize(
+    "masked, sparse_grads",
+    [(False, False), (True, False), (True, True)],
+    ids=["mask=None", "mask", "mask+sparse_grads"],
+)
+def test_compiled_step_has_no_graph_break_and_equals_compiled_adamw(seed, masked, sparse_grads):
     """torch.compile(step): no graph break torch's AdamW does not have, and AdamW's numbers."""
     from torch._dynamo.utils import counters
 
-    case = Case(seed, masked)
+    case = Case(seed, masked, sparse_grads=sparse_grads)
     # the "eager" backend runs the traced graph as is, so both are compared as traced
     breaks = []
     steps = []
@@ -325,7 +350,7 @@ def test_compiled_step_has_no_graph_break_and_equals_compiled_adamw(seed, masked
         breaks.append(set(counters["graph_break"]))
     # ... only to count the breaks: torch's step decorator puts two user-inserted ones
     assert breaks[0] == breaks[1], breaks[0] - breaks[1]
-    case = Case(seed, masked)
+    case = Case(seed, masked, sparse_grads=sparse_grads)
     steps = [torch.compile(o.step, backend="eager") for o in (case.opt, case.ref)]
     for x, y in batches(4, seed + 1):
         case.backward(x, y)
