@@ -99,8 +99,9 @@ class SparseAdamW(Optimizer):
         for inf/NaN only.  Any other operation on a SparseGrad raises.
         Params frozen by the mask get their gradient dropped.  A param unfrozen after the
         optimizer was made gets its hook at the next eager :meth:`step` or
-        :meth:`zero_grad` (until then its gradient stays dense, and is used as such).  :meth:`close` removes
-        the hooks.  Single-process only (DDP/FSDP2 refused, see below).
+        :meth:`zero_grad` (until then its gradient stays dense, and is used as such).
+        :meth:`close` removes the hooks.  Single-process only (DDP/FSDP2 refused, see
+        below).
 
     bf16/fp16 master weights
         The fp32 master is the weight the step updates; the param holds it rounded.  When a
