@@ -26,6 +26,8 @@ from piece_optim import distributed as pd
 from piece_optim._backends import get_backend
 from piece_optim._select import ScoreSource, global_topk
 
+pytestmark = pytest.mark.cpu_only("2 processes with the gloo backend on CPU")
+
 WORKER = Path(__file__).parent / "dist_workers" / "train.py"
 TIMEOUT_S = 240
 

@@ -23,6 +23,8 @@ from piece_optim.integrations import (  # noqa: E402
     use_piece,
 )
 
+pytestmark = pytest.mark.cpu_only("HF Trainer/Accelerate pick the device themselves; CPU here")
+
 VOCAB, SEQ, BS, N_EX, STEPS, N_CALIB, RATIO = 67, 9, 4, 16, 20, 3, 0.01
 LR, BETAS, EPS, CLIP = 2e-3, (0.9, 0.95), 1e-8, 1.0
 # optimizer_cls_and_kwargs / optimizers=: Trainer applies no TrainingArguments hyperparameter

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TinyNet, batches
+from helpers import DEVICE, TinyNet, batches
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -121,7 +121,7 @@ def test_clip_grad_norm_equals_torch(seed, norm_type, max_norm):
         if p.grad is None:
             continue
         if name in mask.names():
-            keep = torch.zeros(p.numel(), dtype=torch.bool)
+            keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             keep[mask[name].long()] = True
             p.grad.mul_(keep.view_as(p.grad))
         else:
@@ -166,6 +166,7 @@ class _Blocks(nn.Module):
         self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
         self.norm = nn.LayerNorm(dim)
         self.ckpt: bool | None = None  # None: off, else use_reentrant
+        self.to(DEVICE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
@@ -306,17 +307,18 @@ def test_bf16_stochastic_rounding_is_unbiased_where_nearest_stalls(seed):
 
     g = torch.Generator().manual_seed(seed)
     n, terms = 4099, 300
-    start = 1.0 + 0.5 * torch.rand(n, generator=g)  # stays in [1, 2): bf16 ulp 2**-7
+    start = (1.0 + 0.5 * torch.rand(n, generator=g)).to(DEVICE)  # in [1, 2): bf16 ulp 2**-7
     sr_g = start.to(torch.bfloat16)
     sr_g2 = start.to(torch.bfloat16)
     rne_g2 = start.to(torch.bfloat16)
     exact_g = sr_g.double().clone()
     exact_g2 = sr_g2.double().clone()
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator(DEVICE).manual_seed(seed + 1)
     for _ in range(terms):
-        t = (torch.rand(n, generator=g) * 2 - 1) * 2**-10  # |t| < 2**-10
-        t2 = (torch.rand(n, generator=g) * 0.5 + 0.5) * 2**-5  # t2*t2 < 2**-10 < half ulp
-        accumulate_bf16_sr_(t, sr_g, torch.zeros(n, dtype=torch.bfloat16), gen)
+        t = ((torch.rand(n, generator=g) * 2 - 1) * 2**-10).to(DEVICE)  # |t| < 2**-10
+        # t2*t2 < 2**-10 < half ulp
+        t2 = ((torch.rand(n, generator=g) * 0.5 + 0.5) * 2**-5).to(DEVICE)
+        accumulate_bf16_sr_(t, sr_g, torch.zeros(n, dtype=torch.bfloat16, device=DEVICE), gen)
         accumulate_bf16_sr_(t2, None, sr_g2, gen)
         ref.accumulate_(t2, None, rne_g2)
         exact_g += t.double()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TinyNet, adamw_oracle, batches, rel_err
+from helpers import DEVICE, TinyNet, adamw_oracle, batches, rel_err
 
 import piece_optim as po
 
@@ -118,13 +118,13 @@ def test_masked_equals_oracle_and_frozen_entries_untouched(seed, wd):
 
 def test_state_bytes_and_ratio(seed):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(300, 301), torch.nn.Linear(301, 299))
+    model = torch.nn.Sequential(torch.nn.Linear(300, 301), torch.nn.Linear(301, 299)).to(DEVICE)
     n = sum(p.numel() for p in model.parameters())
     mask = _random_mask(model, 1e-3, seed, skip=())
     k = sum(i.numel() for i in mask.values())
     opt = po.SparseAdamW(model.named_parameters(), mask=mask)
     dense = torch.optim.AdamW(copy.deepcopy(model).parameters())
-    x = torch.randn(3, 300)
+    x = torch.randn(3, 300, device=DEVICE)
     model(x).square().mean().backward()
     opt.step()
     # 4 B index + 4 B m + 4 B v per selected entry, plus a 4 B step counter per tensor
@@ -176,10 +176,10 @@ def test_state_dict_reload_continues_bit_identically(seed, tmp_path):
 
 def test_load_state_dict_keeps_fp32_state_for_bf16_params(seed):
     torch.manual_seed(seed)
-    model = torch.nn.Linear(17, 9).to(torch.bfloat16)
+    model = torch.nn.Linear(17, 9).to(DEVICE, torch.bfloat16)
     mask = {"weight": torch.tensor([0, 5, 100, 152]), "bias": torch.tensor([3])}
     opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-3)
-    model(torch.randn(2, 17, dtype=torch.bfloat16)).float().square().sum().backward()
+    model(torch.randn(2, 17, dtype=torch.bfloat16, device=DEVICE)).float().square().sum().backward()
     opt.step()
     sd = opt.state_dict()
     opt2 = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-3)
@@ -331,7 +331,9 @@ def test_mask_shape_mismatch_raises():
 def test_low_precision_master_weights(seed, dtype):
     """The fp32 master accumulates updates below the storage resolution."""
     torch.manual_seed(seed)
-    p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=dtype) + torch.rand(64, dtype=dtype) / 8)
+    p = torch.nn.Parameter(
+        (torch.full((64,), 1.0, dtype=dtype) + torch.rand(64, dtype=dtype) / 8).to(DEVICE)
+    )
     start = p.detach().clone()
     idx = torch.arange(0, 64, 3)
     opt = po.SparseAdamW([("p", p)], mask={"p": idx}, lr=1e-4, weight_decay=0.0)
