@@ -17,7 +17,10 @@ from torch.utils.data import DataLoader
 
 pl = pytest.importorskip("lightning.pytorch")
 # lightning's own use of a torch API torch deprecates; nothing of ours
-pytestmark = pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated"),
+    pytest.mark.cpu_only("Lightning places the model itself; accelerator='cpu' here"),
+]
 
 import piece_optim as po  # noqa: E402
 

@@ -248,12 +248,14 @@ def test_grad_scaler_with_sparse_grads_equals_dense_grads(seed):
     model, twin, mask = _pair(seed)
     dense = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
     sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True, lr=1e-2)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2) for _ in "ab"]
+    scalers = [
+        torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8, growth_interval=2) for _ in "ab"
+    ]
     name = mask.names()[-1]
     scales = []
     for step, (x, y) in enumerate(batches(5, seed + 1)):
         for m, opt, scaler in zip((model, twin), (dense, sparse), scalers, strict=True):
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(DEVICE.type, dtype=torch.float16):
                 loss = m.loss(x, y)
             scaler.scale(loss).backward()
             if step == 2:  # a non-finite gradient at a selected entry: both skip the step
