@@ -149,7 +149,10 @@ def piece_trainer_optimizer(
     Trainer hands the optimizer unnamed param groups, so the mask is bound to ``model``'s
     parameter objects here (:meth:`SparseMask.bind`).  ``optimizer_kwargs`` (``lr``,
     ``betas``, ``eps``, ``sparse_grads``, ...) go to :class:`SparseAdamW`; per-group weight
-    decay comes from ``TrainingArguments.weight_decay``.
+    decay comes from ``TrainingArguments.weight_decay``.  On this path Trainer applies no
+    other ``TrainingArguments`` hyperparameter (as for any ``optimizer_cls_and_kwargs``):
+    pass ``lr``, ``betas`` and ``eps`` here, or SparseAdamW's defaults (AdamW's) are used;
+    :func:`use_piece` reads them from ``TrainingArguments``.
     """
     if not isinstance(mask, SparseMask):
         raise TypeError(f"mask must be a SparseMask, got {type(mask).__name__}")
