@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ._backends import Backend, get_backend, validate_backend_name
 from ._reference import index_dtype_for
 from ._select import ScoreSource, global_topk
-from .distributed import estimator_group, local_tensor, topk_hooks
+from .distributed import estimator_group, gather_global_indices, local_tensor, topk_hooks
 from .mask import SparseMask
 
 METHODS = {"piece-f": "piece-f", "fisher": "piece-f", "piece-s": "piece-s",
@@ -99,7 +99,7 @@ class ImportanceEstimator:
                 self._others.append(p)
                 continue
             self._params[name] = p
-            self._shapes[name] = tuple(local_tensor(p).shape)  # FSDP2: the local shard's
+            self._shapes[name] = tuple(p.shape)  # FSDP2: the full parameter's (masks are global)
         if not self._params:
             raise ValueError(
                 "no parameter is eligible for selection: all are frozen, empty or excluded "
@@ -237,11 +237,15 @@ class ImportanceEstimator:
         return out
 
     def scores(self) -> dict[str, Tensor]:
-        """``{name: fp32 score tensor shaped like the param}``; excluded names are absent."""
+        """``{name: fp32 score tensor shaped like the param}``; excluded names are absent.
+
+        Under FSDP2 each rank gets the scores of its own shard (shaped like
+        ``param.to_local()``); :meth:`select` returns the global mask.
+        """
         out = {}
         for name, src in self._sources():
             s = src.backend.score(src.sum_g, src.sum_g2, self.method, self.eps)
-            out[name] = s.view(self._shapes[name])
+            out[name] = s.view(local_tensor(self._params[name]).shape)  # FSDP2: local shard
         return out
 
     def select(self, ratio: float | None = None, *, k: int | None = None) -> SparseMask:
@@ -277,6 +281,8 @@ class ImportanceEstimator:
             hooks = topk_hooks(self._group)
             if hooks:  # FSDP2: ranks' shards differ in size, so pieces must match tensors
                 idxs = global_topk([s for _, s in sources], k, self.method, self.eps, **hooks)
+                # local shard positions -> the global mask, the same on every rank
+                idxs = gather_global_indices(list(self._params.values()), idxs, self._group)
             else:
                 idxs = _chunked_topk([s for _, s in sources], k, self.method, self.eps)
         indices = {name: idx for (name, _), idx in zip(sources, idxs, strict=True) if idx.numel()}

@@ -37,6 +37,9 @@ with dense gradients it is torch's, over every entry of every gradient.
 
 ``accelerate``: ``Accelerator.prepare(model, SparseAdamW(...))`` needs nothing special;
 ``accelerator.clip_grad_norm_`` clips (and returns the norm of) the gradients as above.
+
+Under ``torchrun`` (DDP), :func:`use_sparse_allreduce` makes the Trainer all-reduce only
+the selected gradient entries (:func:`piece_optim.distributed.sparse_allreduce_hook`).
 """
 
 from __future__ import annotations
@@ -277,3 +280,46 @@ def use_piece(
         raise RuntimeError("this transformers version does not treat callables as factories")
     trainer.optimizer_cls_and_kwargs = (builder, {})
     return factory
+
+
+def use_sparse_allreduce(trainer: Any) -> None:
+    """Make ``trainer`` all-reduce only the selected gradient entries under DDP.
+
+    Registers :func:`piece_optim.distributed.sparse_allreduce_hook` on the DDP model that
+    ``trainer.train()`` builds (Trainer wraps the model itself, after the optimizer is
+    made), with the trainer's :class:`SparseAdamW` as its state, when training begins.
+    Works with :func:`use_piece` and with :func:`piece_trainer_optimizer`.  One process:
+    nothing to do.  Other wrappers (FSDP, DeepSpeed) raise when training begins.
+
+    The gradients outside the selected entries are then zero on every rank, so
+    ``max_grad_norm`` clips by the selected entries' norm (see the hook's docstring).
+    """
+    from transformers import TrainerCallback
+
+    from .distributed import is_ddp, sparse_allreduce_hook
+
+    class _Register(TrainerCallback):
+        def __init__(self) -> None:
+            self.done: set[int] = set()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model = trainer.model_wrapped
+            if not is_ddp(model):
+                if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                    raise NotImplementedError(
+                        f"use_sparse_allreduce: the Trainer wrapped the model in "
+                        f"{type(model).__name__}; the sparse all-reduce works under DDP only"
+                    )
+                return
+            if id(model) in self.done:  # DDP takes one comm hook; a second train() reuses it
+                return
+            opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps
+            if not isinstance(opt, SparseAdamW):
+                raise TypeError(
+                    f"use_sparse_allreduce: the trainer's optimizer is {type(opt).__name__}, "
+                    "not SparseAdamW; use use_piece() or piece_trainer_optimizer()"
+                )
+            model.register_comm_hook(opt, sparse_allreduce_hook)
+            self.done.add(id(model))
+
+    trainer.add_callback(_Register())

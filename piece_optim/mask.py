@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from ._reference import index_dtype_for
-from .distributed import local_tensor
 
 _FORMAT = "piece_optim.SparseMask/1"
 
@@ -49,10 +48,12 @@ class SparseMask(Mapping[str, Tensor]):
     """Sorted flat indices of the selected entries, per parameter name.
 
     ``mask[name]`` is a 1-D int32 tensor (int64 for tensors of 2**31 or more entries) of
-    sorted unique flat indices.  Parameters with no selected entry have no key (they are
-    frozen by :class:`SparseAdamW`).  ``numel_total()`` is the total trainable numel the
-    ratio was taken of (excluded tensors included), so ``ratio`` is the fraction of the
-    model that trains.
+    sorted unique flat indices into the full parameter (``param.view(-1)``; under FSDP2
+    the unsharded parameter, so a mask is the same on every rank and for any world size).
+    Parameters with no selected entry have no key (they are frozen by
+    :class:`SparseAdamW`).  ``numel_total()`` is the total trainable numel the ratio was
+    taken of (excluded tensors included), so ``ratio`` is the fraction of the model that
+    trains.
     """
 
     def __init__(
@@ -159,7 +160,7 @@ class SparseMask(Mapping[str, Tensor]):
                     "for another model?"
                 )
             p = params[name]
-            shape = tuple(local_tensor(p).shape)  # FSDP2: masks index the local shard
+            shape = tuple(p.shape)  # FSDP2 too: a DTensor's shape is the full parameter's
             if shape != self._shapes[name]:
                 raise ValueError(
                     f"SparseMask.bind: parameter {name!r} has shape {shape}, the mask "
@@ -209,7 +210,7 @@ class SparseMask(Mapping[str, Tensor]):
         shapes: dict[str, tuple[int, ...]] = {}
         for n, p in model.named_parameters():
             by_canon.setdefault(canonical_name(n), []).append(n)
-            shapes[n] = tuple(local_tensor(p).shape)
+            shapes[n] = tuple(p.shape)  # FSDP2 too: a DTensor's shape is the full one
         mapping: dict[str, str] = {}
         for name in self._shapes:
             if name in shapes:

@@ -15,7 +15,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ._backends import validate_backend_name
 from ._sparse_grad import SparseGrad
-from .distributed import local_tensor
+from .distributed import local_tensor, refuse_sparse_grads, shard_indices
 from .functional import sparse_adamw
 from .mask import SparseMask, canonical_name, validate_indices
 
@@ -72,7 +72,8 @@ class SparseAdamW(Optimizer):
         mask: keyword-only. ``None`` (dense AdamW), a :class:`SparseMask` / mapping of
             parameter name to indices (needs named params), or a mapping of parameter
             tensor to indices (``mask.bind(model)``).  Indices are sorted unique flat
-            positions.  A mask that leaves nothing to train raises ``ValueError`` naming the
+            positions in the full parameter, under FSDP2 too (each rank keeps the part in
+            its shard).  A mask that leaves nothing to train raises ``ValueError`` naming the
             cause (names it does not match, e.g. after a wrapper such as PEFT renamed them:
             see :meth:`SparseMask.for_model`; or selected parameters all frozen).
         sparse_grads: keep each gradient at the selected entries only (see below).
@@ -181,6 +182,7 @@ class SparseAdamW(Optimizer):
         self._mask_shapes: dict[str, tuple[int, ...]] = {}
         self._mask_total: int | None = None
         self._matched: set[Any] = set()
+        self._mask_params: list[Tensor] = []  # params with selected entries (on any rank)
         self._selection: dict[Tensor, Tensor | None] = {}  # param -> idx (None: dense)
         self._names: dict[Tensor, str] = {}
         if mask is None:
@@ -230,7 +232,7 @@ class SparseAdamW(Optimizer):
         for p, name in zip(group["params"], names, strict=True):
             self._register_param(p, name)
         if self.sparse_grads:
-            _refuse_sparse_grads_when_distributed(group["params"])
+            refuse_sparse_grads(group["params"])  # DDP / FSDP2: see piece_optim.distributed
             self._install_hooks(group["params"])
 
     def _what(self, p: Tensor) -> str:
@@ -238,7 +240,7 @@ class SparseAdamW(Optimizer):
         return repr(name) if name is not None else f"parameter of shape {tuple(p.shape)}"
 
     def _register_param(self, p: Tensor, name: str | None) -> None:
-        lp = local_tensor(p)  # FSDP2: masks index the local shard (see distributed.py)
+        lp = local_tensor(p)  # FSDP2: the mask is global; the step runs on the local shard
         if name is not None:
             self._names[p] = name
         if self._mask_kind in ("dense", "pending"):
@@ -254,10 +256,10 @@ class SparseAdamW(Optimizer):
             if name not in self._mask_by_name:
                 return  # frozen by the mask
             self._matched.add(name)
-            if name in self._mask_shapes and tuple(lp.shape) != self._mask_shapes[name]:
+            if name in self._mask_shapes and tuple(p.shape) != self._mask_shapes[name]:
                 raise ValueError(
                     f"mask entry {name!r} was made for shape {self._mask_shapes[name]}, the "
-                    f"parameter has shape {tuple(lp.shape)}"
+                    f"parameter has shape {tuple(p.shape)}"
                 )
             idx = self._mask_by_name[name]
         else:
@@ -271,10 +273,14 @@ class SparseAdamW(Optimizer):
         if p.is_complex():
             raise ValueError(f"{what}: complex parameters are not supported")
         if idx is not None:
-            # indices stay where they are; step() moves them to the param's device
-            idx = validate_indices(idx, lp.numel(), f"mask[{what}]")
+            # global positions (FSDP2: this rank's part, as local positions); they stay
+            # on their device until step() moves them to the param's
+            idx = validate_indices(idx, p.numel(), f"mask[{what}]")
+            if idx.numel():
+                self._mask_params.append(p)
+            idx = shard_indices(p, idx)
             if idx.numel() == 0:
-                return
+                return  # nothing selected (FSDP2: nothing in this rank's shard)
         self._selection[p] = idx
 
     def _check_mask_trains(self) -> None:
@@ -287,10 +293,10 @@ class SparseAdamW(Optimizer):
             unmatched = [p for p in self._mask_by_param if p not in self._matched]
         if unmatched:
             raise ValueError(self._unmatched_message(unmatched))
-        if not self._selection:
+        if not self._mask_params:
             raise ValueError("the mask selects no entry: there is nothing to train")
-        if not any(p.requires_grad for p in self._selection):
-            shown = [self._what(p) for p in list(self._selection)[:3]]
+        if not any(p.requires_grad for p in self._mask_params):
+            shown = [self._what(p) for p in self._mask_params[:3]]
             raise ValueError(
                 f"the mask leaves nothing to train: every parameter it selects is frozen "
                 f"(requires_grad=False), e.g. {', '.join(shown)}. Wrappers such as PEFT freeze "
@@ -758,6 +764,7 @@ class SparseAdamW(Optimizer):
         self._mask_kind = "params"
         self._mask_by_param = {p: i for p, i in selection.items() if i is not None}
         self._matched = set(self._mask_by_param)
+        self._mask_params = list(selection)
         self._mask_total = record.get("numel_total")
 
     # -- copy / pickle ---------------------------------------------------------------------------
@@ -805,6 +812,7 @@ class SparseAdamW(Optimizer):
         }
         self._names = {p: n for p, n in zip(params, piece["names"], strict=True) if n is not None}
         self._matched = set(self._mask_by_name) | set(self._mask_by_param)
+        self._mask_params = list(self._selection)
         self._hooks = {}
         if self.sparse_grads:
             self._install_hooks(params)
@@ -822,32 +830,3 @@ def _resync_master(p: Tensor, idx: Tensor | None, master: Tensor) -> None:
     cur = flat if idx is None else flat.index_select(0, idx)
     stale = cur != master.to(cur.dtype)
     master.copy_(torch.where(stale, cur.float(), master))
-
-
-def _refuse_sparse_grads_when_distributed(params: list[Tensor]) -> None:
-    """``sparse_grads=True`` is single-process only (decision, documented here).
-
-    Its post-accumulate-grad hooks gather a gradient the moment autograd accumulates it:
-    under DDP that is before the gradients are averaged across ranks (the hook would keep
-    the local, unreduced gradient), and FSDP2 writes its reduce-scattered gradient shards
-    outside autograd, so the hooks would not see them at all.  Either way training would
-    silently differ from one process, so both are refused.
-    """
-    from .distributed import is_dtensor
-
-    if any(is_dtensor(p) for p in params):
-        raise NotImplementedError(
-            "SparseAdamW(sparse_grads=True) does not support FSDP2 (DTensor) parameters: "
-            "FSDP2 reduce-scatters gradients outside autograd, where the sparse-gradient hooks "
-            "cannot see them. Use sparse_grads=False (the default) with FSDP2"
-        )
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
-        raise NotImplementedError(
-            "SparseAdamW(sparse_grads=True) is single-process only: under DDP its hooks would "
-            "gather each gradient before DDP averages it across ranks. Use sparse_grads=False "
-            "(the default) when training with several processes"
-        )
