@@ -74,6 +74,7 @@ setup(
             "peft",
             "accelerate",
             "matplotlib",
+            "lightning",
         ],
     },
     entry_points={"console_scripts": ["piece-optim=piece_optim.cli:main"]},

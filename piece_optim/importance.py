@@ -11,10 +11,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _hooks
+from . import _hook_owners
 from ._backends import Backend, get_backend, validate_backend_name
 from ._reference import index_dtype_for
 from ._select import ScoreSource, global_topk
+from ._sparse_grad import SparseGrad
 from .distributed import estimator_group, gather_global_indices, local_tensor, topk_hooks
 from .mask import SparseMask
 
@@ -130,12 +131,12 @@ class ImportanceEstimator:
         self._hooks: list = []
         self._closed = False
         named = [*self._params.items(), *((None, p) for p in self._others)]
-        _hooks.check_free(named, "ImportanceEstimator", self)
+        _hook_owners.check_free(named, "ImportanceEstimator", self)
         self._desc = (
             f"ImportanceEstimator(in_backward={self.in_backward}) on {type(model).__name__} "
-            f"made at {_hooks.creation_site()}"
+            f"made at {_hook_owners.creation_site()}"
         )
-        _hooks.note_reader(self, self._params.values(), self._desc)
+        _hook_owners.note_reader(self, self._params.values(), self._desc)
         if self.in_backward:
             self._install_hooks()
 
@@ -219,6 +220,14 @@ class ImportanceEstimator:
                 continue
             if p.grad.is_sparse:
                 raise TypeError(f"collect(): parameter {name!r} has a sparse .grad; not supported")
+            if isinstance(p.grad, SparseGrad):
+                other = _hook_owners.consumer_of([p], exclude=self) or "a SparseAdamW"
+                raise RuntimeError(
+                    f"collect(): parameter {name!r} holds only the selected entries of its "
+                    f"gradient (a SparseGrad): the sparse_grads hooks of {other} replaced it. "
+                    "Call close() on that optimizer and model.zero_grad() before estimating "
+                    "with this model"
+                )
             s1, s2 = self._accumulators(name, p)
             backend = self._backend_for(p)
             entry = by_backend.setdefault(id(backend), (backend, [], [], []))
@@ -226,13 +235,13 @@ class ImportanceEstimator:
             entry[2].append(s1)
             entry[3].append(s2)
         if not by_backend:
-            other = _hooks.consumer_of(self._params.values(), exclude=self)
+            other = _hook_owners.consumer_of(self._params.values(), exclude=self)
             if other is not None:
                 raise RuntimeError(
                     f"collect(): no eligible parameter has a .grad: the gradient hooks of "
                     f"{other} took them. Call close() on it before estimating with this model"
                 )
-            other = _hooks.other_reader(self._params.values(), exclude=self)
+            other = _hook_owners.other_reader(self._params.values(), exclude=self)
             if other is not None:
                 raise RuntimeError(
                     "collect(): no eligible parameter has a .grad. Another estimator on these "
@@ -281,7 +290,9 @@ class ImportanceEstimator:
             self._hooks.append(p.register_post_accumulate_grad_hook(fold(name)))
         for p in self._others:
             self._hooks.append(p.register_post_accumulate_grad_hook(drop))
-        _hooks.register(self, [*self._params.values(), *self._others], self._hooks, self._desc)
+        _hook_owners.register(
+            self, [*self._params.values(), *self._others], self._hooks, self._desc
+        )
 
     def _note_term(self, name: str) -> None:
         # A post-accumulate-grad hook fires once per parameter per backward, so meeting a

@@ -11,7 +11,7 @@ import secrets
 import socket
 import stat
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -179,10 +179,12 @@ class SparseMask(Mapping[str, Tensor]):
     def bind(self, model: nn.Module) -> dict[Tensor, Tensor]:
         """Map each selected parameter object of ``model`` to its indices.
 
-        Use it to pass ``model.parameters()`` (without names) to :class:`SparseAdamW`.
+        Use it to pass ``model.parameters()`` (without names) to :class:`SparseAdamW`.  The
+        returned dict also carries the names (``.param_names``, param -> name), so the
+        optimizer's errors can name a parameter.
         """
         params = dict(model.named_parameters())
-        out: dict[Tensor, Tensor] = {}
+        out = BoundMask()
         for name, idx in self._idx.items():
             if name not in params:
                 raise KeyError(
@@ -197,11 +199,75 @@ class SparseMask(Mapping[str, Tensor]):
                     f"was made for {self._shapes[name]}"
                 )
             out[p] = idx.to(p.device, copy=True)
+            out.param_names[p] = name
         return out
 
     def to(self, device: torch.device | str) -> SparseMask:
         return SparseMask({n: i.to(device) for n, i in self._idx.items()}, self._shapes,
                           self._numel_total)  # fmt: skip
+
+    # -- renaming (wrappers such as PEFT, DDP, torch.compile) ----------------------------------
+    def rename(self, names: Mapping[str, str] | Callable[[str], str]) -> SparseMask:
+        """The same mask under new parameter names: a mapping old -> new, or a function.
+
+        Names a mapping does not list are kept.  Two names mapped to one raise.
+        """
+        fn = names if callable(names) else (lambda n: names.get(n, n))
+        new = {n: fn(n) for n in self._shapes}
+        if len(set(new.values())) != len(new):
+            raise ValueError("SparseMask.rename: two parameter names map to the same new name")
+        return SparseMask(
+            {new[n]: i for n, i in self._idx.items()},
+            {new[n]: s for n, s in self._shapes.items()},
+            self._numel_total,
+        )
+
+    def for_model(self, model: nn.Module) -> SparseMask:
+        """This mask re-keyed to ``model``'s parameter names (a wrapped model, typically).
+
+        Wrappers rename parameters: PEFT (``get_peft_model``) adds the prefix
+        ``base_model.model.`` and, in the layers it adapts, the infix ``.base_layer``
+        (``...q_proj.weight`` -> ``base_model.model....q_proj.base_layer.weight``); DDP adds
+        ``module.``, ``torch.compile`` ``_orig_mod.``.  Each mask name is matched to the
+        parameter of ``model`` with the same name once those are removed from both
+        (:func:`canonical_name`); shapes must agree.  Works in either direction (a mask made
+        on the wrapped model, applied to the bare one).  Raises KeyError naming a parameter
+        that cannot be found, or that matches several.
+
+        PEFT also freezes the base weights (``requires_grad=False``): unfreeze the ones the
+        mask selects before making the optimizer, e.g.
+        ``for n in mask.names(): model.get_parameter(n).requires_grad_(True)``.
+        """
+        by_canon: dict[str, list[str]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for n, p in model.named_parameters():
+            by_canon.setdefault(canonical_name(n), []).append(n)
+            shapes[n] = tuple(p.shape)  # FSDP2 too: a DTensor's shape is the full one
+        mapping: dict[str, str] = {}
+        for name in self._shapes:
+            if name in shapes:
+                mapping[name] = name
+                continue
+            hits = by_canon.get(canonical_name(name), [])
+            if name not in self._idx and len(hits) != 1:
+                continue  # a shape without selected entries: not needed
+            if len(hits) != 1:
+                why = "no parameter" if not hits else f"{len(hits)} parameters ({hits[:3]})"
+                raise KeyError(
+                    f"SparseMask.for_model: {why} of the model matches {name!r} (compared as "
+                    f"{canonical_name(name)!r}); use mask.rename({{old: new}}) to map it by hand"
+                )
+            mapping[name] = hits[0]
+        for old, new in mapping.items():
+            if shapes[new] != self._shapes[old]:
+                raise ValueError(
+                    f"SparseMask.for_model: {old!r} -> {new!r} has shape {shapes[new]}, the "
+                    f"mask was made for {self._shapes[old]}"
+                )
+        kept = SparseMask(
+            self._idx, {n: s for n, s in self._shapes.items() if n in mapping}, self._numel_total
+        )
+        return kept.rename(mapping)
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -247,6 +313,33 @@ class SparseMask(Mapping[str, Tensor]):
         except ValueError as exc:
             raise ValueError(f"SparseMask.load: {path}: {exc}") from exc
         return mask.to(device) if torch.device(device).type != "cpu" else mask
+
+
+class BoundMask(dict):
+    """What :meth:`SparseMask.bind` returns: ``{param: indices}`` plus ``param_names``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.param_names: dict[Tensor, str] = {}
+
+
+# Renamings by wrappers, removed to compare names (see SparseMask.for_model):
+# prefixes added to every name, and infixes added inside some names.
+_WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+_WRAPPER_INFIXES = (".base_layer.",)
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the prefixes/infixes PEFT, DDP and torch.compile add."""
+    changed = True
+    while changed:
+        changed = False
+        for pre in _WRAPPER_PREFIXES:
+            if name.startswith(pre):
+                name, changed = name[len(pre) :], True
+    for inf in _WRAPPER_INFIXES:
+        name = name.replace(inf, ".")
+    return name
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import piece_optim as po
+from piece_optim.optim import SparseGrad
 
 
 def _mask(model: nn.Module, seed: int, ratio: float = 0.2) -> po.SparseMask:
@@ -54,7 +55,9 @@ def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
         model.loss(x, y).backward()  # one big batch of 8
         for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
             (twin.loss(xs, ys) / micro).backward()
-            assert all(p.grad is None for p in twin.parameters())  # dense grads freed
+            for name, p in twin.named_parameters():  # dense grads freed, or kept sparse
+                want = SparseGrad if name in mask.names() else type(None)
+                assert type(p.grad) is want, name
         for name, p in model.named_parameters():
             if name in mask.names():
                 got = sparse.sparse_grad(named[name])
@@ -66,7 +69,9 @@ def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
         dense.step()
         sparse.step()
         dense.zero_grad()
-        assert sparse.grad_bytes() == 0  # step consumed the buffers
+        assert sparse.grad_bytes() == 4 * mask.numel_selected()  # step keeps grads, as AdamW
+        sparse.zero_grad()
+        assert sparse.grad_bytes() == 0
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
         if name not in mask.names():
@@ -225,48 +230,74 @@ def test_sparse_grads_errors(seed):
     opt = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
     with pytest.raises(KeyError, match="nope"):
         opt.sparse_grad("nope")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     x, y = batches(1, seed)[0]
-    scaler.scale(twin.loss(x, y)).backward()
-    with pytest.raises(RuntimeError, match="GradScaler.*bf16.*sparse_grads=False"):
-        scaler.step(opt)
+    twin.loss(x, y).backward()
+    g = twin.fc1.weight.grad
+    assert isinstance(g, SparseGrad) and g.shape == twin.fc1.weight.shape
+    with pytest.raises(
+        NotImplementedError, match="SparseGrad.*does not support.*sparse_grads=False"
+    ):
+        g.sum()  # anything but what gradient consumers call is refused, never read as dense
+    with pytest.raises(NotImplementedError, match="create_graph"):
+        twin.loss(x, y).backward(create_graph=True)
     opt.close()
 
 
-def test_sparse_grads_bf16_params_accumulate_in_fp32(seed):
-    """bf16 params: buffers are fp32 sums of the bf16 grads, equal to a float64 sum."""
+def test_grad_scaler_with_sparse_grads_equals_dense_grads(seed):
+    """fp16 autocast + GradScaler: unscale, inf check and skipped steps act on the SparseGrads."""
+    model, twin, mask = _pair(seed)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
+    sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True, lr=1e-2)
+    scalers = [
+        torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8, growth_interval=2) for _ in "ab"
+    ]
+    name = mask.names()[-1]
+    scales = []
+    for step, (x, y) in enumerate(batches(5, seed + 1)):
+        for m, opt, scaler in zip((model, twin), (dense, sparse), scalers, strict=True):
+            with torch.autocast(DEVICE.type, dtype=torch.float16):
+                loss = m.loss(x, y)
+            scaler.scale(loss).backward()
+            if step == 2:  # a non-finite gradient at a selected entry: both skip the step
+                g = m.get_parameter(name).grad
+                if isinstance(g, SparseGrad):
+                    g.selected_values[0] = float("inf")
+                else:
+                    g.view(-1)[mask[name][0]] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        scales.append(scalers[1].get_scale())
+    assert scales[2] == scales[1] / 2  # the inf step was skipped and the scale halved
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    sparse.close()
+
+
+def test_sparse_grads_bf16_params_accumulate_like_dense_grads(seed):
+    """bf16 params: the SparseGrad sums backwards in bf16, exactly as autograd sums .grad."""
     torch.manual_seed(seed)
     model = TinyNet().to(torch.bfloat16)
     mask = _mask(model, seed)
-    grads: dict[str, torch.Tensor] = {}
-    named = dict(model.named_parameters())
-
-    def keep(name):
-        def hook(p):
-            grads[name] = grads.get(name, 0) + p.grad.double().reshape(-1)
-
-        return hook
-
-    # registered first, so the recorder runs before the optimizer's gather-and-free hook
-    handles = [p.register_post_accumulate_grad_hook(keep(n)) for n, p in named.items()
-               if n in mask.names()]  # fmt: skip
-    opt = po.SparseAdamW(model.named_parameters(), mask=mask, sparse_grads=True)
+    twin = copy.deepcopy(model)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask)
+    opt = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
     for x, y in batches(3, seed + 9):
         model.loss(x, y).backward()
-    for n in mask.names():
-        got = opt.sparse_grad(named[n])
-        assert got.dtype == torch.float32
-        want = grads[n][mask[n].long()]
-        torch.testing.assert_close(got.double(), want, rtol=2**-23 * 4, atol=0)
-    before = {n: p.detach().clone() for n, p in named.items()}
-    opt.step()
-    for n, p in named.items():
+        twin.loss(x, y).backward()
+    named = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
         if n in mask.names():
-            assert not torch.equal(p, before[n])
-        else:
-            assert torch.equal(p, before[n])
-    for h in handles:
-        h.remove()
+            got = opt.sparse_grad(named[n])
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, p.grad.reshape(-1)[mask[n].long()]), n
+    before = {n: p.detach().clone() for n, p in named.items()}
+    dense.step()
+    opt.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), n
+        assert torch.equal(q, before[n]) != (n in mask.names()), n
     opt.close()
 
 

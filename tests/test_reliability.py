@@ -681,22 +681,32 @@ def test_second_gradient_hook_owner_is_refused_and_named(seed):
     with pytest.raises(RuntimeError, match=r"close\(\)"):
         po.SparseAdamW(model.parameters())
     est.close()
-    opt = po.SparseAdamW(model.named_parameters(), sparse_grads=True)
+    mask = {"fc1.weight": torch.tensor([0, 5]), "fc2.bias": torch.tensor([3])}
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask, sparse_grads=True)
     with pytest.raises(RuntimeError, match=r"SparseAdamW\(sparse_grads=True\) made at"):
         po.ImportanceEstimator(model, in_backward=True)
     opt.close()
     po.ImportanceEstimator(model, in_backward=True).close()
+    # mask=None: the hooks keep every dense gradient, so an estimator coexists
+    opt = po.SparseAdamW(model.named_parameters(), sparse_grads=True)
+    po.ImportanceEstimator(model).close()
+    opt.close()
 
 
 def test_collect_names_the_owner_that_took_the_gradients(seed):
     torch.manual_seed(seed)
     model = TinyNet()
     est = po.ImportanceEstimator(model)  # no hooks of its own
-    opt = po.SparseAdamW(model.named_parameters(), sparse_grads=True)
+    mask = {"fc1.weight": torch.tensor([0, 5]), "fc2.bias": torch.tensor([3])}
+    opt = po.SparseAdamW(model.named_parameters(), mask=mask, sparse_grads=True)
     model.loss(*batches(1, seed)[0]).backward()
     with pytest.raises(RuntimeError, match=r"hooks of SparseAdamW\(sparse_grads=True\)"):
         est.collect()
     opt.close()
+    model.loss(*batches(1, seed)[0]).backward()  # adds into the SparseGrads left behind
+    with pytest.raises(RuntimeError, match=r"SparseGrad.*close\(\).*zero_grad\(\)"):
+        est.collect()
+    model.zero_grad()
     model.loss(*batches(1, seed)[0]).backward()
     est.collect()
     est.close()
