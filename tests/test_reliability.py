@@ -296,6 +296,32 @@ def test_dense_low_precision_matrix_params_equal_fp32_adamw_on_master(
         assert torch.equal(p.detach(), q.detach().to(dtype))
 
 
+def test_tensor_lr_path_handles_matrix_masters_and_float64(seed):
+    """The torch-ops path (Tensor lr, torch.compile) has the same conventions: a dense
+    bf16 matrix's master is shaped like it, float64 is computed in float64."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(12, 7).to(torch.bfloat16)
+    twin = copy.deepcopy(lin)
+    a = po.SparseAdamW(lin.parameters(), lr=torch.tensor(1e-2))
+    b = po.SparseAdamW(twin.parameters(), lr=1e-2)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    for m, o in ((lin, a), (twin, b)):
+        m(x).square().sum().backward()
+        o.step()
+    for p, q in zip(lin.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a.state[p]["master"], b.state[q]["master"], rtol=1e-5, atol=1e-8)
+    p64 = nn.Parameter(torch.randn(40, dtype=torch.float64, generator=torch.Generator()))
+    ref64 = nn.Parameter(p64.detach().clone())
+    o64 = po.SparseAdamW([p64], lr=torch.tensor(1e-2, dtype=torch.float64))
+    r64 = torch.optim.AdamW([ref64], lr=torch.tensor(1e-2, dtype=torch.float64), foreach=False)
+    for _ in range(3):
+        p64.grad = torch.randn(40, dtype=torch.float64)
+        ref64.grad = p64.grad.clone()
+        o64.step()
+        r64.step()
+    torch.testing.assert_close(p64.detach(), ref64.detach(), rtol=1e-14, atol=0)
+
+
 # -- 5. apply_delta / revert_delta: all or nothing ---------------------------------------------
 class _Mixed(nn.Module):
     def __init__(self) -> None:
