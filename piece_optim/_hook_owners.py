@@ -1,9 +1,11 @@
 """Gradient hooks that consume ``.grad``: who holds them, and what happens when he is gone.
 
-Two objects install post-accumulate-grad hooks that take each gradient and set
-``param.grad = None``: an ``ImportanceEstimator(in_backward=True)`` and a
-``SparseAdamW(sparse_grads=True)``.  A second consumer on the same parameters gets nothing
-(hooks run in registration order), so:
+Two objects install post-accumulate-grad hooks that take the gradient of a parameter as
+backward produces it: an ``ImportanceEstimator(in_backward=True)`` (folds it, sets
+``param.grad = None``) and a masked ``SparseAdamW(sparse_grads=True)`` (replaces it by a
+``SparseGrad`` of the selected entries, or drops it for a param the mask freezes).  A
+second consumer of the same parameters gets nothing usable (hooks run in registration
+order), so:
 
 * :func:`check_free` refuses to build an estimator or an optimizer over parameters whose
   gradients a live owner already consumes, and names that owner (class, arguments and the
@@ -11,7 +13,11 @@ Two objects install post-accumulate-grad hooks that take each gradient and set
 * :func:`consumer_of` lets ``collect()`` say who took the gradients it did not find;
 * :func:`register` watches an owner: the hooks hold it weakly (they do nothing once it is
   gone), and when it is garbage-collected with hooks still installed a finalizer removes
-  them and warns, naming it: forgetting ``close()`` never silently eats later gradients.
+  them.  For an estimator it also warns, naming it: its hooks took every gradient while it
+  lived, so a forgotten ``close()`` is a bug worth a word.  For a ``sparse_grads``
+  optimizer it does not (decision): frameworks own optimizers they never close (HF
+  Trainer, deepcopy), its hooks harm nothing once it is gone, and a live forgotten one is
+  refused by :func:`check_free` when another consumer is made.
 """
 
 from __future__ import annotations
@@ -75,18 +81,23 @@ def check_free(named: Iterable[tuple[str | None, Tensor]], what: str, owner: obj
 
 
 def register(
-    owner: object, params: Collection[Tensor], handles: Collection, desc: str, watch: bool = True
+    owner: object,
+    params: Collection[Tensor],
+    handles: Collection,
+    desc: str,
+    watch: bool = True,
+    warn: bool = True,
 ) -> None:
     """Record ``owner`` as the consumer of ``params``' gradients while ``handles`` (its hook
-    handles; emptied by its close()) is not empty; ``watch``: also warn and remove the
-    hooks if it is garbage-collected with them installed (once per owner)."""
+    handles; emptied by its close()) is not empty; ``watch``: also remove the hooks if it is
+    garbage-collected with them installed (once per owner), and with ``warn`` say so."""
     ref = weakref.ref(owner)
     for p in params:
         entries = [e for e in _owners.get(p, ()) if _live(e) and e[0]() is not owner]
         entries.append((ref, handles, desc))
         _owners[p] = entries
     if watch:
-        fin = weakref.finalize(owner, _collected, handles, desc)
+        fin = weakref.finalize(owner, _collected, handles, desc, warn)
         fin.atexit = False  # at interpreter exit nothing leaks: no warning then
 
 
@@ -116,13 +127,15 @@ def _open(obj: object) -> bool:
     return obj is not None and not getattr(obj, "_closed", True)
 
 
-def _collected(handles: Collection, desc: str) -> None:
+def _collected(handles: Collection, desc: str, warn: bool) -> None:
     if not handles:
         return  # closed properly
     hooks = list(handles.values()) if isinstance(handles, dict) else list(handles)
     for h in hooks:
         h.remove()
     handles.clear()
+    if not warn:
+        return
     warnings.warn(
         f"{desc} was garbage-collected with its {len(hooks)} gradient hooks still installed; "
         "they are removed now. Call close() when done (or use it in a `with` block): until "

@@ -521,14 +521,15 @@ class SparseAdamW(Optimizer):
 
         for p in new:
             self._hooks[p] = p.register_post_accumulate_grad_hook(hook)
-        # a finalizer warns (and removes the hooks) if the optimizer is dropped unclosed;
+        # a finalizer removes the hooks if the optimizer is dropped unclosed (no warning:
+        # Trainer and deepcopy drop optimizers they never close; see _hook_owners);
         # an estimator made over the params whose dense gradient the hook replaces (masked:
         # by a SparseGrad) or drops (frozen by the mask) while the hooks are live is refused
         first = not getattr(self, "_hooks_watched", False)
         self._hooks_watched = True
         desc = f"SparseAdamW(sparse_grads=True) made at {_hook_owners.creation_site()}"
         taken = [p for p in new if self._selection.get(p, True) is not None]
-        _hook_owners.register(self, taken, self._hooks, desc, watch=first)
+        _hook_owners.register(self, taken, self._hooks, desc, watch=first, warn=False)
 
     @torch.no_grad()
     def _sparse_gather(self, p: Tensor) -> None:
