@@ -67,6 +67,7 @@ setup(
         "dist": ["accelerate"],
         "dev": [
             "pytest",
+            "hypothesis",
             "ninja",
             "ruff",
             "triton",

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from ._backends import Backend, get_backend
+from ._bounds import check_step_indices
+from ._reference import compute_dtype
 
 
 def _compiling() -> bool:
@@ -16,6 +18,31 @@ def _compiling() -> bool:
 
 def _step_value(step: Tensor | int) -> int:
     return int(step.item()) if isinstance(step, Tensor) else int(step)
+
+
+def refuse_foreign_adam_flags(param_groups: Sequence[dict]) -> None:
+    """Raise if saved param groups (e.g. a ``torch.optim.AdamW``/``Adam`` state_dict) ask
+    for math SparseAdamW does not do: loading would silently drop the flag.
+
+    ``amsgrad`` and ``maximize`` change the update; ``decoupled_weight_decay=False`` with a
+    weight decay is torch.optim.Adam's L2 penalty, not AdamW's decay.  Execution flags
+    (``foreach``, ``fused``, ``capturable``, ``differentiable``) do not change the math and
+    are accepted.
+    """
+    for i, g in enumerate(param_groups):
+        for flag in ("amsgrad", "maximize"):
+            if g.get(flag):
+                raise ValueError(
+                    f"load_state_dict: param group {i} has {flag}=True (a torch.optim.Adam/AdamW "
+                    f"state_dict?); SparseAdamW does not support {flag} and would silently drop "
+                    f"it. Train with {flag}=False, or keep torch's optimizer for this run"
+                )
+        if g.get("decoupled_weight_decay") is False and g.get("weight_decay", 0):
+            raise ValueError(
+                f"load_state_dict: param group {i} has decoupled_weight_decay=False with "
+                f"weight_decay={g['weight_decay']} (torch.optim.Adam's L2 penalty); SparseAdamW "
+                "decays decoupled, as AdamW does. Load an AdamW state_dict instead"
+            )
 
 
 def sparse_adamw(
@@ -62,6 +89,7 @@ def sparse_adamw(
       what torch's AdamW gives with a Tensor lr (its scalars are fp32 tensor ops).
     """
     if _compiling() or any(isinstance(x, Tensor) for x in (lr, beta1, beta2)):
+        check_step_indices(params, idxs)  # all before any write (skipped while compiling)
         for p, g, i, m, v, w, s in zip(
             params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps, strict=True
         ):
@@ -132,15 +160,16 @@ def adamw_torch_(
     ``capturable=True`` in the traced param groups), the step count staying a tensor.
     """
     flat = param.view(-1)
+    dt = compute_dtype(param.dtype)  # float64 params in float64, as the reference
     if idx is None:
         g = grad.reshape(-1)
-        w = master if master is not None else flat
+        w = master.view(-1) if master is not None else flat
     else:
         g = grad.reshape(-1) if grad_is_sparse else grad.reshape(-1).index_select(0, idx)
-        w = master if master is not None else flat.index_select(0, idx)
-    g = g.float()
-    if w.dtype != torch.float32:
-        w = w.float()
+        w = master.view(-1) if master is not None else flat.index_select(0, idx)
+    g = g.to(dt)
+    if w.dtype != dt:
+        w = w.to(dt)
     m = exp_avg.view(-1)
     v = exp_avg_sq.view(-1)
 
@@ -169,8 +198,8 @@ def adamw_torch_(
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         w.addcdiv_(m, denom, value=-step_size)
 
-    if master is not None and w is not master:
-        master.copy_(w)
+    if master is not None and w.data_ptr() != master.data_ptr():
+        master.copy_(w.view_as(master))
     if idx is None:
         if w is not flat:
             flat.copy_(w)

@@ -13,11 +13,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
+from . import _hook_owners
 from ._backends import validate_backend_name
+from ._bounds import check_step_indices
+from ._reference import compute_dtype
 from ._sparse_grad import SparseGrad
 from .distributed import local_tensor, refuse_sparse_grads, shard_indices
-from .functional import sparse_adamw
-from .mask import SparseMask, canonical_name, validate_indices
+from .functional import refuse_foreign_adam_flags, sparse_adamw
+from .mask import SparseMask, canonical_name, union_indices, validate_indices
 
 __all__ = ["SparseAdamW", "SparseGrad"]
 
@@ -229,8 +232,10 @@ class SparseAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
+        _hook_owners.check_free(zip(names, group["params"], strict=True), "SparseAdamW", self)
         for p, name in zip(group["params"], names, strict=True):
             self._register_param(p, name)
+        _drop_duplicates(group)  # one Parameter under two names: one entry, masks merged
         if self.sparse_grads:
             refuse_sparse_grads(group["params"])  # DDP / FSDP2: see piece_optim.distributed
             self._install_hooks(group["params"])
@@ -242,7 +247,7 @@ class SparseAdamW(Optimizer):
     def _register_param(self, p: Tensor, name: str | None) -> None:
         lp = local_tensor(p)  # FSDP2: the mask is global; the step runs on the local shard
         if name is not None:
-            self._names[p] = name
+            self._names.setdefault(p, name)  # the first name of a Parameter listed twice
         if self._mask_kind in ("dense", "pending"):
             if self._mask_kind == "pending":
                 return
@@ -281,6 +286,9 @@ class SparseAdamW(Optimizer):
             idx = shard_indices(p, idx)
             if idx.numel() == 0:
                 return  # nothing selected (FSDP2: nothing in this rank's shard)
+        if p in self._selection:  # the same Parameter under a second name: both names' entries
+            prev = self._selection[p]
+            idx = None if prev is None or idx is None else union_indices(prev, idx, lp.numel())
         self._selection[p] = idx
 
     def _check_mask_trains(self) -> None:
@@ -365,17 +373,18 @@ class SparseAdamW(Optimizer):
         idx = self._idx_on(p)
         lp = local_tensor(p)
         state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+        mdt = compute_dtype(lp.dtype)  # float64 params: float64 moments and math, as AdamW
         if idx is None:
             shape: Any = lp.shape
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=lp.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=lp.device)
+            state["exp_avg"] = torch.zeros(shape, dtype=mdt, device=lp.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=mdt, device=lp.device)
             if self._use_master(p):
                 state["master"] = lp.detach().float().clone()
         else:
             state["idx"] = idx
             k = idx.numel()
-            state["exp_avg"] = torch.zeros(k, dtype=torch.float32, device=lp.device)
-            state["exp_avg_sq"] = torch.zeros(k, dtype=torch.float32, device=lp.device)
+            state["exp_avg"] = torch.zeros(k, dtype=mdt, device=lp.device)
+            state["exp_avg_sq"] = torch.zeros(k, dtype=mdt, device=lp.device)
             if self._use_master(p):
                 state["master"] = lp.detach().view(-1)[idx.long()].float()
         return state
@@ -406,12 +415,14 @@ class SparseAdamW(Optimizer):
         """``{param name: sorted flat indices}`` of the trained entries (None: dense).
 
         Under FSDP2 the indices are into the local shard.  Params passed without names
-        are keyed ``"#<position>"`` (their position in the param groups).
+        are keyed ``"#<position>"`` (their position in the param groups).  The tensors are
+        copies: the optimizer's own indices cannot be edited through them.
         """
         out: dict[str, Tensor | None] = {}
         for i, p in enumerate(self._ordered_params()):
             if p in self._selection:
-                out[self._names.get(p, f"#{i}")] = self._selection[p]
+                idx = self._selection[p]
+                out[self._names.get(p, f"#{i}")] = None if idx is None else idx.clone()
         return out
 
     # -- step ----------------------------------------------------------------------------
@@ -453,6 +464,7 @@ class SparseAdamW(Optimizer):
                     g, out = local_tensor(grad), lists[0]
                 master = state.get("master")
                 if master is not None:
+                    check_step_indices([lp], [idx])  # the re-sync reads at idx first
                     _resync_master(lp, idx, master)
                 for lst, val in zip(
                     out,
@@ -466,18 +478,28 @@ class SparseAdamW(Optimizer):
             # one call for every counter (as torch's foreach/fused AdamW do), not one per param
             torch._foreach_add_(step_ts, 1)
             beta1, beta2 = group["betas"]
-            for is_sparse, tensors in enumerate(lists):
-                if tensors[0]:
-                    sparse_adamw(
-                        *tensors,
-                        lr=group["lr"],
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                        grad_is_sparse=bool(is_sparse),
-                        backend=self._backend_arg,
-                    )
+            done = []
+            try:
+                for is_sparse, tensors in enumerate(lists):
+                    if tensors[0]:
+                        sparse_adamw(
+                            *tensors,
+                            lr=group["lr"],
+                            beta1=beta1,
+                            beta2=beta2,
+                            eps=group["eps"],
+                            weight_decay=group["weight_decay"],
+                            grad_is_sparse=bool(is_sparse),
+                            backend=self._backend_arg,
+                        )
+                    done.append(is_sparse)
+            except BaseException:
+                # a backend that raises has written nothing (piece_optim._bounds): the
+                # counters of the tensors it did not step go back
+                undo = [t for i, lst in enumerate(lists) if i not in done for t in lst[6]]
+                if undo:
+                    torch._foreach_sub_(undo, 1)
+                raise
         return loss
 
     # -- sparse gradients (sparse_grads=True) -------------------------------------------------
@@ -499,6 +521,15 @@ class SparseAdamW(Optimizer):
 
         for p in new:
             self._hooks[p] = p.register_post_accumulate_grad_hook(hook)
+        # a finalizer removes the hooks if the optimizer is dropped unclosed (no warning:
+        # Trainer and deepcopy drop optimizers they never close; see _hook_owners);
+        # an estimator made over the params whose dense gradient the hook replaces (masked:
+        # by a SparseGrad) or drops (frozen by the mask) while the hooks are live is refused
+        first = not getattr(self, "_hooks_watched", False)
+        self._hooks_watched = True
+        desc = f"SparseAdamW(sparse_grads=True) made at {_hook_owners.creation_site()}"
+        taken = [p for p in new if self._selection.get(p, True) is not None]
+        _hook_owners.register(self, taken, self._hooks, desc, watch=first, warn=False)
 
     @torch.no_grad()
     def _sparse_gather(self, p: Tensor) -> None:
@@ -613,9 +644,10 @@ class SparseAdamW(Optimizer):
 
         torch's ``load_state_dict`` (pre/post hooks included), with checks first: the
         saved mask (``"piece_mask"``, or the indices in the per-param state of older
-        state_dicts) must equal this optimizer's.  Moments and master copies stay fp32
-        whatever the param dtype.  On any mismatch a ValueError is raised and nothing
-        changes.  A ``torch.optim.AdamW`` state_dict loads into ``mask=None``.
+        state_dicts) must equal this optimizer's.  Moments are fp32 (float64 for float64
+        params), master copies fp32.  On any mismatch a ValueError is raised and nothing
+        changes.  A ``torch.optim.AdamW`` state_dict loads into ``mask=None``; one asking
+        for ``amsgrad``/``maximize`` (or Adam's L2 weight decay) is refused.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -624,6 +656,7 @@ class SparseAdamW(Optimizer):
                 state_dict = hook_result
         groups = self.param_groups
         saved_groups = deepcopy(state_dict["param_groups"])
+        refuse_foreign_adam_flags(saved_groups)
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         for g, sg in zip(groups, saved_groups, strict=True):
@@ -670,7 +703,8 @@ class SparseAdamW(Optimizer):
                 elif key == "step":
                     new[key] = val.detach().to(device="cpu", dtype=_scalar_dtype()).clone()
                 elif key in _STATE_FLOAT_KEYS:
-                    new[key] = val.detach().to(device=lp.device, dtype=torch.float32).clone()
+                    dt = torch.float32 if key == "master" else compute_dtype(lp.dtype)
+                    new[key] = val.detach().to(device=lp.device, dtype=dt).clone()
                 elif isinstance(val, Tensor):
                     new[key] = val.detach().to(lp.device).clone()
                 else:
@@ -828,5 +862,26 @@ def _resync_master(p: Tensor, idx: Tensor | None, master: Tensor) -> None:
     """
     flat = p.detach().view(-1)
     cur = flat if idx is None else flat.index_select(0, idx)
-    stale = cur != master.to(cur.dtype)
-    master.copy_(torch.where(stale, cur.float(), master))
+    m = master.view(-1)  # a dense param's master is shaped like it (2+ dims included)
+    stale = cur != m.to(cur.dtype)
+    m.copy_(torch.where(stale, cur.float(), m))
+
+
+def _drop_duplicates(group: dict[str, Any]) -> None:
+    """Keep the first entry of a Parameter listed twice in one group (``named_parameters(
+    remove_duplicate=False)`` lists tied weights under each name; torch warns about it).
+    Decision: the masks of both names were merged by ``_register_param``, and the param
+    is stepped once per step (torch's AdamW would step it twice, which it calls a bug)."""
+    params = group["params"]
+    if len({id(p) for p in params}) == len(params):
+        return
+    names = group.get("param_names")
+    keep = []
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if id(p) not in seen:
+            seen.add(id(p))
+            keep.append(i)
+    group["params"] = [params[i] for i in keep]
+    if names is not None:
+        group["param_names"] = [names[i] for i in keep]
