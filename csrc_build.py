@@ -8,8 +8,10 @@ Design decisions:
   package then builds it on first use (piece_optim/_ext.py) or falls back to the
   pure-torch reference.  ``PIECE_FORCE_BUILD=1`` turns a failed build into an error (CI).
 * The CUDA part (csrc/cuda/*.cu + csrc/cuda_binding.cpp) is added only when CUDA_HOME is
-  set (or found) and torch is a CUDA build; ``PIECE_NO_CUDA=1`` skips it and
-  ``PIECE_CUDA_ARCH_LIST`` (default "8.0;9.0") picks the architectures.
+  set (or found) and torch is a CUDA build; ``PIECE_NO_CUDA=1`` skips it.  Architectures
+  (:func:`cuda_arch_list`): ``PIECE_CUDA_ARCH_LIST`` if set, else torch's own
+  ``TORCH_CUDA_ARCH_LIST`` if set, else "8.0;9.0" (A100, H100/H200), never torch's
+  default of "the GPUs visible now" (a build machine may have none).
 * Flags: ``-O3 -fno-math-errno`` (lets sqrt vectorise; results unchanged) and
   ``-ffp-contract=off``: the kernels place their fma exactly where torch's own CPU kernels
   have one, so results match the reference bit for bit, and the compiler must not add
@@ -47,6 +49,21 @@ def cuda_sources(root: Path) -> list[str]:
 def _compiler() -> str | None:
     cxx = os.environ.get("CXX", "c++").split()[0]
     return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
+
+
+def cuda_arch_list() -> str:
+    """The CUDA architectures to build for, e.g. "9.0" (see the module doc for the order).
+
+    ``PIECE_CUDA_ARCH_LIST`` wins over ``TORCH_CUDA_ARCH_LIST``: when both are set and
+    differ, it says so rather than silently building for one of them.
+    """
+    ours = os.environ.get("PIECE_CUDA_ARCH_LIST", "").strip()
+    torch_env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if ours:
+        if torch_env and torch_env != ours:
+            _say(f"PIECE_CUDA_ARCH_LIST={ours!r} overrides TORCH_CUDA_ARCH_LIST={torch_env!r}")
+        return ours
+    return torch_env or "8.0;9.0"
 
 
 def cuda_wanted() -> tuple[bool, str]:
@@ -94,8 +111,9 @@ def ext_modules_and_cmdclass(root: Path) -> tuple[list, dict]:
     use_cuda, why = cuda_wanted()
     cxx = list(CXX_FLAGS)
     if use_cuda:
-        archs = os.environ.get("PIECE_CUDA_ARCH_LIST", "8.0;9.0")
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
+        archs = cuda_arch_list()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by torch's BuildExtension
+        _say(f"building the CUDA kernels for compute capability {archs}")
         ext = CUDAExtension(
             NAME,
             cpu_sources(root) + cuda_sources(root),

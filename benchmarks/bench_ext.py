@@ -1,7 +1,8 @@
 """Benchmark of the C++ CPU backend against torch, measured side by side in one run.
 
 (a) ``SparseAdamW.step()`` at N elements, ratio 1e-3, against a full
-    ``torch.optim.AdamW(fused=True)`` step on the same N.
+    ``torch.optim.AdamW(fused=True)`` step on the same N; and the step's index range check
+    (every index in range before anything is written) timed alone.
 (b) ``ImportanceEstimator.collect()`` + ``select(ratio=1e-3)`` (PIECE-F) against the torch
     baseline ``sum_g2.addcmul_(g, g)`` + ``torch.topk``, and the GB/s it moves against the
     machine's copy bandwidth (``dst.copy_(src)``, read + write bytes) measured in the same run.
@@ -66,8 +67,11 @@ def step_bench(n: int, ratio: float, reps: int) -> dict:
     idx = torch.randperm(n)[:k].sort().values.int()
     sparse = po.SparseAdamW([p], mask={p: idx}, lr=1e-3, backend="cpu")
     t_sparse = bench(sparse.step, reps * 20)
+    # the index range check every C++ step runs before writing (csrc/ops.cpp), alone
+    check = torch.ops.piece_optim._first_out_of_range
+    t_check = bench(lambda: check(idx, n), reps * 20)
     return {"torch_fused_adamw_s": t_full, "sparse_step_s": t_sparse, "k": k,
-            "speedup": t_full / t_sparse}  # fmt: skip
+            "speedup": t_full / t_sparse, "check_s": t_check}  # fmt: skip
 
 
 def select_bench(n: int, ratio: float, reps: int, parts: int) -> dict:
@@ -137,6 +141,8 @@ def main() -> None:
     print(f"(a) step N={a.n:,} k={st['k']:,}: torch AdamW(fused=True) full step "
           f"{st['torch_fused_adamw_s'] * 1e3:.2f} ms, SparseAdamW(cpu) "
           f"{st['sparse_step_s'] * 1e6:.1f} us -> {st['speedup']:.0f}x")  # fmt: skip
+    print(f"    of which the index range check: {st['check_s'] * 1e6:.1f} us alone "
+          f"({st['check_s'] / st['sparse_step_s']:.1%} of the step)")  # fmt: skip
     se = select_bench(a.n, a.ratio, a.reps, a.parts)
     print(f"(b) collect+select PIECE-F N={a.n:,} k={se['k']:,}: torch addcmul_+topk "
           f"{se['baseline_s'] * 1e3:.1f} ms, ours {se['ours_s'] * 1e3:.1f} ms "

@@ -25,7 +25,8 @@ Phases (batch 1 x 64 tokens, a few steps each):
 * ``estimate_fp32`` / ``estimate_bf16``: ``ImportanceEstimator(in_backward=True,
   accum_dtype=...)``, one term per backward, then ``select(ratio=1e-3)``.
 * ``train_sparse``: ``SparseAdamW(sparse_grads=True)`` at ratio 1e-3 with
-  ``clip_grad_norm_(1.0)``.  Its mask is random (same k per tensor as ratio 1e-3):
+  ``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`` (it clips the SparseGrads).
+  Its mask is random (same k per tensor as ratio 1e-3):
   memory depends on k, not on which entries are chosen.
 
 Also printed: the overlap of the top-0.1% masks selected with bf16 and with fp32
@@ -182,7 +183,7 @@ def run_phase(phase: str, steps: int) -> dict:
             for i in range(steps):
                 x = _batch(i)
                 model(input_ids=x, labels=x).loss.backward()
-                opt.clip_grad_norm_(1.0)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad()
             extra["state_bytes"] = opt.state_bytes()
@@ -243,8 +244,9 @@ def memory_model_7b(ratio: float = RATIO) -> list[tuple[str, float]]:
         ("AdamW training (bf16 grads, fp32 m, v, fp32 master)", 2 + 8 + 4),
         ("PIECE estimation, fp32 accumulators (sum g, sum g^2)", 8),
         ("PIECE estimation, bf16 accumulators", 4),
-        (f"PIECE training, sparse_grads, r={ratio:g} (idx 4 + m,v 8 + master 4 + grad 4)",
-         ratio * (4 + 8 + 4 + 4)),
+        # the SparseGrad holds bf16 values, as the dense bf16 .grad would
+        (f"PIECE training, sparse_grads, r={ratio:g} (idx 4 + m,v 8 + master 4 + grad 2)",
+         ratio * (4 + 8 + 4 + 2)),
     ]  # fmt: skip
 
 

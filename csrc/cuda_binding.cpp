@@ -181,12 +181,20 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
                       at::TensorList exp_avg_sqs, at::TensorList masters,
                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts, double lr,
                       double beta1, double beta2, double eps, double weight_decay,
-                      bool grad_is_sparse) {
+                      bool grad_is_sparse, const std::optional<Tensor>& status) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && idxs.size() == n && exp_avgs.size() == n &&
                   exp_avg_sqs.size() == n && masters.size() == n && step_sizes.size() == n &&
                   bc2_sqrts.size() == n,
               "piece_optim: adamw_step_many_ needs lists of equal length");
+  // Bounds (csrc/cuda/launchers.h): the kernel skips an out-of-range index and sets
+  // status[0]; the Python backend passes one status per device and reads it lazily.
+  const bool has_status = status.has_value() && status->defined();
+  if (has_status) {
+    TORCH_CHECK(status->scalar_type() == at::kInt && status->numel() >= 1 &&
+                    status->is_contiguous(),
+                "piece_optim: status must be a contiguous int32 tensor");
+  }
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
     c10::cuda::CUDAGuard guard(p.device());
@@ -232,6 +240,8 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
     a.eps = eps;
     a.step_size = step_sizes[i];
     a.bc2_sqrt = bc2_sqrts[i];
+    a.numel = p.numel();
+    a.err = has_status && status->device() == p.device() ? status->data_ptr<int>() : nullptr;
     check(pc::adamw(a, c10::cuda::getCurrentCUDAStream()), "adamw");
   }
 }

@@ -223,7 +223,9 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
                       at::TensorList exp_avg_sqs, at::TensorList masters,
                       at::ArrayRef<double> step_sizes, at::ArrayRef<double> bc2_sqrts, double lr,
                       double beta1, double beta2, double eps, double weight_decay,
-                      bool grad_is_sparse) {
+                      bool grad_is_sparse, const std::optional<Tensor>& /*status*/) {
+  // `status` is for the CUDA kernels (which skip and flag a bad index); this op raises
+  // before writing instead (below).
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && idxs.size() == n && exp_avgs.size() == n &&
                   exp_avg_sqs.size() == n && masters.size() == n && step_sizes.size() == n &&
@@ -284,10 +286,44 @@ void adamw_step_many_(at::TensorList params, at::TensorList grads,
     it.bc2_sqrt = bc2_sqrts[i];
     items.push_back(it);
   }
+  // Bounds: every tensor's indices are checked before any kernel writes, so an index that
+  // was changed after the optimizer validated it raises here instead of writing outside
+  // the parameter, and the step is all-or-nothing (nothing at all is written).
+  for (size_t i = 0; i < n; ++i) {
+    const pc::AdamItem& it = items[i];
+    if (it.idx == nullptr) continue;
+    const int64_t numel = params[i].numel();
+    const int64_t j = pc::first_out_of_range(it.idx, it.idx64, it.n, numel);
+    if (j >= 0) {
+      const int64_t bad = it.idx64 ? static_cast<const int64_t*>(it.idx)[j]
+                                   : int64_t(static_cast<const int32_t*>(it.idx)[j]);
+      TORCH_CHECK_INDEX(false, "piece_optim: sparse AdamW step: index ", bad, " (position ", j,
+                        " of the indices of tensor ", i, " in this step) is outside its "
+                        "parameter of ", numel, " entries; nothing was written. The "
+                        "optimizer's indices were changed after they were validated (e.g. "
+                        "in place through opt.state[p]['idx'] or a state_dict tensor)");
+    }
+  }
   pc::adamw_many(items);
 }
 
 std::string cpu_isa() { return pc::isa(); }
+
+// For benchmarks/bench_ext.py: the step's index range check alone (position of the first
+// index outside [0, numel), or -1).
+int64_t first_out_of_range(const Tensor& idx, int64_t numel) {
+  check_cpu(idx, "idx");
+  TORCH_CHECK(idx.dim() == 1 && idx.is_contiguous() &&
+                  (idx.scalar_type() == at::kInt || idx.scalar_type() == at::kLong),
+              "piece_optim: idx must be a contiguous 1-D int32 or int64 tensor");
+  return pc::first_out_of_range(idx.data_ptr(), idx.scalar_type() == at::kLong, idx.numel(),
+                                numel);
+}
+
+// For tests: the chunk plan of a histogram pass (each chunk < 2**31 scores, see kernels.cpp).
+int64_t hist_num_chunks(int64_t total, int64_t threads) {
+  return pc::hist_num_chunks(total, threads);
+}
 
 }  // namespace
 
@@ -309,8 +345,10 @@ TORCH_LIBRARY(piece_optim, m) {
       "adamw_step_many_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] idxs, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, "
       "float[] step_sizes, float[] bc2_sqrts, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, bool grad_is_sparse) -> ()");
+      "float weight_decay, bool grad_is_sparse, Tensor(e!)? status=None) -> ()");
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("_hist_num_chunks(int total, int threads) -> int", &hist_num_chunks);
+  m.def("_first_out_of_range(Tensor idx, int numel) -> int");
 }
 
 TORCH_LIBRARY_IMPL(piece_optim, CPU, m) {
@@ -322,6 +360,7 @@ TORCH_LIBRARY_IMPL(piece_optim, CPU, m) {
   m.impl("score_histogram_many_", &score_histogram_many_);
   m.impl("compact", &compact);
   m.impl("adamw_step_many_", &adamw_step_many_);
+  m.impl("_first_out_of_range", &first_out_of_range);
 }
 
 // `import piece_optim._C` runs the registrations above; the module itself is empty.

@@ -48,13 +48,17 @@ def score_of(s1, s2, eps, MODE: tl.constexpr):
     """The PIECE score from fp32 sums (``s1`` unused for piece-f); same ops as the reference.
 
     ``sqrt_rn`` / ``div_rn`` are the IEEE round-to-nearest operations torch uses; Triton's
-    plain ``tl.sqrt`` and ``/`` may be approximate on GPUs.
+    plain ``tl.sqrt`` and ``/`` may be approximate on GPUs.  The special cases follow
+    :func:`piece_optim._reference.score`: NaN in, NaN out; a denominator of +inf (``g*g``
+    overflowed) gives +inf; a denominator of 0 gives 0.
     """
     if MODE == 2:
         num = tl.abs(s1)
         den = tl.sqrt_rn(s2 + eps)
-        s = tl.div_rn(num, den)
-        return tl.where(den > 0, s, 0.0)
+        zero = num * 0.0  # 0, or NaN where the numerator is NaN/inf
+        s = tl.where(den == 0.0, zero, tl.div_rn(num, den))
+        # den > FLT_MAX <=> den == +inf (NaN compares false and keeps its NaN)
+        return tl.where(den > 3.4028234663852886e38, zero + float("inf"), s)
     else:
         return s2
 

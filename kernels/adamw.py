@@ -45,12 +45,17 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, offs, mask, decay, lerp_c,
-                 lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
+def _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, mask, numel, decay,
+                 lerp_c, lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
                  HAS_IDX: tl.constexpr, GRAD_SPARSE: tl.constexpr,
                  HAS_MASTER: tl.constexpr):  # fmt: skip
     if HAS_IDX:
         pos = tl.load(i_ptr + offs, mask=mask, other=0).to(tl.int64)
+        # Bounds: an index outside [0, numel) is skipped (nothing read or written for that
+        # entry) and flags err_ptr[0]; the launcher turns the flag into an error.
+        bad = mask & ((pos < 0) | (pos >= numel))
+        tl.store(err_ptr + tl.zeros_like(pos), tl.full(pos.shape, 1, tl.int32), mask=bad)
+        mask = mask & ~bad
     else:
         pos = offs
     if GRAD_SPARSE:
@@ -78,26 +83,26 @@ def _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, offs, mask, decay, le
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, n, decay, lerp_c, lerp_small,
-                  beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size, HAS_IDX: tl.constexpr,
-                  GRAD_SPARSE: tl.constexpr, HAS_MASTER: tl.constexpr,
+def _adamw_kernel(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, n, numel, decay, lerp_c,
+                  lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
+                  HAS_IDX: tl.constexpr, GRAD_SPARSE: tl.constexpr, HAS_MASTER: tl.constexpr,
                   BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, offs, offs < n, decay, lerp_c,
-                 lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size, HAS_IDX,
-                 GRAD_SPARSE, HAS_MASTER)  # fmt: skip
+    _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, offs < n, numel,
+                 decay, lerp_c, lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
+                 HAS_IDX, GRAD_SPARSE, HAS_MASTER)  # fmt: skip
 
 
 @triton.jit
-def _adamw_many_kernel(table_ptr, prog_tensor_ptr, prog_start_ptr, decay, lerp_c, lerp_small,
-                       beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
+def _adamw_many_kernel(table_ptr, prog_tensor_ptr, prog_start_ptr, err_ptr, decay, lerp_c,
+                       lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
                        P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, I_DTYPE: tl.constexpr,
                        HAS_IDX: tl.constexpr, GRAD_SPARSE: tl.constexpr,
                        HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
     start = tl.load(prog_start_ptr + pid)
-    row = table_ptr + t * 7  # [param, grad, idx, m, v, master, n]
+    row = table_ptr + t * 8  # [param, grad, idx, m, v, master, n, param numel]
     p_ptr = tl.load(row).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
     i_ptr = tl.load(row + 2).to(tl.pointer_type(I_DTYPE))
@@ -105,10 +110,11 @@ def _adamw_many_kernel(table_ptr, prog_tensor_ptr, prog_start_ptr, decay, lerp_c
     v_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
     w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     n = tl.load(row + 6)
+    numel = tl.load(row + 7)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, offs, offs < n, decay, lerp_c,
-                 lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size, HAS_IDX,
-                 GRAD_SPARSE, HAS_MASTER)  # fmt: skip
+    _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, offs < n, numel,
+                 decay, lerp_c, lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
+                 HAS_IDX, GRAD_SPARSE, HAS_MASTER)  # fmt: skip
 
 
 def _f32(x: float) -> float:
@@ -153,48 +159,88 @@ def _flat(p: Tensor, g: Tensor, idx: Tensor | None, m: Tensor, v: Tensor, w: Ten
     return pf, gf, idx, m.view(-1), v.view(-1), None if w is None else w.view(-1), k
 
 
+def _err_flag(err: Tensor | None, device: torch.device) -> tuple[Tensor, bool]:
+    """The int32 flag the kernels set for a skipped out-of-range index, and whether this
+    call owns it (then the launcher checks it itself, at the cost of a read)."""
+    if err is None:
+        return torch.zeros(1, dtype=torch.int32, device=device), True
+    if err.dtype != torch.int32 or err.numel() < 1 or err.device != device:
+        raise ValueError(f"err must be an int32 tensor on {device}")
+    return err, False
+
+
+def _raise_if_flagged(err: Tensor) -> None:
+    if int(err[0]):
+        raise IndexError(
+            "adamw_triton: an index outside its parameter was skipped (nothing outside the "
+            "parameter was read or written; the other entries were updated)"
+        )
+
+
 def adamw_triton(param: Tensor, grad: Tensor, idx: Tensor | None, exp_avg: Tensor,
                  exp_avg_sq: Tensor, master: Tensor | None, *, lr: float, beta1: float,
                  beta2: float, eps: float, weight_decay: float, step: int,
-                 grad_is_sparse: bool = False) -> None:  # fmt: skip
-    """One AdamW step on the entries ``idx`` of ``param`` (see the module doc)."""
+                 grad_is_sparse: bool = False, err: Tensor | None = None) -> None:  # fmt: skip
+    """One AdamW step on the entries ``idx`` of ``param`` (see the module doc).
+
+    An index outside ``[0, param.numel())`` is skipped (nothing read or written for that
+    entry) and sets ``err[0]`` to 1 (an int32 tensor on the param's device).  Without
+    ``err`` the launcher uses its own flag and raises IndexError after the launch.
+    """
     p, g, i, m, v, w, k = _flat(param, grad, idx, exp_avg, exp_avg_sq, master, grad_is_sparse)
     if k == 0:
         return
+    flag, own = _err_flag(err, p.device)
     sc = step_scalars(lr, beta1, beta2, eps, weight_decay, step)
     _adamw_kernel[(triton.cdiv(k, BLOCK),)](
-        p, g, i if i is not None else m, m, v, w if w is not None else m, k, *sc,
-        HAS_IDX=i is not None, GRAD_SPARSE=bool(grad_is_sparse) and i is not None,
+        p, g, i if i is not None else m, m, v, w if w is not None else m, flag, k, p.numel(),
+        *sc, HAS_IDX=i is not None, GRAD_SPARSE=bool(grad_is_sparse) and i is not None,
         HAS_MASTER=w is not None, BLOCK=BLOCK, **launch_opts(p),
     )  # fmt: skip
+    if own:
+        _raise_if_flagged(flag)
 
 
 def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
                       idxs: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
                       exp_avg_sqs: Sequence[Tensor], masters: Sequence[Tensor | None],
                       steps: Sequence[int], *, lr: float, beta1: float, beta2: float,
-                      eps: float, weight_decay: float,
-                      grad_is_sparse: bool = False) -> None:  # fmt: skip
+                      eps: float, weight_decay: float, grad_is_sparse: bool = False,
+                      err: Tensor | None = None) -> None:  # fmt: skip
     """:func:`adamw_triton` over many tensors; small ones with equal dtypes and step share
-    one launch."""
+    one launch.  Every tensor is validated before the first launch; ``err`` as in
+    :func:`adamw_triton` (all tensors on one device when it is given)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     groups: dict[tuple, list[tuple]] = {}
+    alone: list[tuple] = []
+    flags: dict[torch.device, tuple[Tensor, bool]] = {}
     for args in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps, strict=True):
         *tensors, step = args
         flat = _flat(*tensors, grad_is_sparse)
         k = flat[-1]
         if k == 0:
             continue
-        if k > BATCH_NUMEL:
-            adamw_triton(*tensors, step=step, grad_is_sparse=grad_is_sparse, **hyper)
-            continue
         p, g, i, _, _, w, _ = flat
+        if p.device not in flags:
+            flags[p.device] = _err_flag(err, p.device)
+        if k > BATCH_NUMEL:
+            alone.append((tensors, step))
+            continue
         key = (p.device, p.dtype, g.dtype, None if i is None else i.dtype, w is not None,
                int(step))  # fmt: skip
         groups.setdefault(key, []).append((tensors, flat))
+    for tensors, step in alone:
+        adamw_triton(
+            *tensors,
+            step=step,
+            grad_is_sparse=grad_is_sparse,
+            err=flags[tensors[0].device][0],
+            **hyper,
+        )
     for (device, pdt, gdt, idt, has_w, step), items in groups.items():
+        flag = flags[device][0]
         if len(items) == 1:
-            adamw_triton(*items[0][0], step=step, grad_is_sparse=grad_is_sparse, **hyper)
+            adamw_triton(*items[0][0], step=step, grad_is_sparse=grad_is_sparse, err=flag, **hyper)
             continue
         table, prog_t, prog_s = [], [], []
         for t, (_, (p, g, i, m, v, w, k)) in enumerate(items):
@@ -206,6 +252,7 @@ def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
                 v.data_ptr(),
                 (w if w is not None else m).data_ptr(),
                 k,
+                p.numel(),
             ]
             starts = range(0, k, BLOCK)
             prog_t += [t] * len(starts)
@@ -217,8 +264,11 @@ def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
         ps = torch.tensor(prog_s, dtype=torch.int64).to(device, non_blocking=True)
         sc = step_scalars(step=step, **hyper)
         _adamw_many_kernel[(len(prog_t),)](
-            tab, pt, ps, *sc, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt],
+            tab, pt, ps, flag, *sc, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt],
             I_DTYPE=_TL[idt] if idt is not None else tl.int32, HAS_IDX=idt is not None,
             GRAD_SPARSE=bool(grad_is_sparse) and idt is not None, HAS_MASTER=has_w,
             BLOCK=BLOCK, **launch_opts(items[0][1][0]),
         )  # fmt: skip
+    for flag, own in flags.values():
+        if own:
+            _raise_if_flagged(flag)

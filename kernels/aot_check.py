@@ -61,11 +61,13 @@ def _variants(tl):  # noqa: ANN001, ANN202
             out.append((f"adamw p={pdt} g={gdt} master={master} idx={has_idx and idt} "
                         f"sparse_grad={sparse}", adamw._adamw_kernel,
                         dict(p_ptr=p(pdt), g_ptr=p(gdt), i_ptr=p(idt), m_ptr="*fp32",
-                             v_ptr="*fp32", w_ptr="*fp32", n="i64", **scalars),
+                             v_ptr="*fp32", w_ptr="*fp32", err_ptr="*i32", n="i64",
+                             numel="i64", **scalars),
                         dict(HAS_IDX=has_idx, GRAD_SPARSE=sparse, HAS_MASTER=master,
                              BLOCK=adamw.BLOCK)))  # fmt: skip
     out.append(("adamw_many bf16+master idx=i32", adamw._adamw_many_kernel,
-                dict(table_ptr="*i64", prog_tensor_ptr="*i64", prog_start_ptr="*i64", **scalars),
+                dict(table_ptr="*i64", prog_tensor_ptr="*i64", prog_start_ptr="*i64",
+                     err_ptr="*i32", **scalars),
                 dict(P_DTYPE=tl.bfloat16, G_DTYPE=tl.float32, I_DTYPE=tl.int32, HAS_IDX=True,
                      GRAD_SPARSE=False, HAS_MASTER=True, BLOCK=adamw.BLOCK)))  # fmt: skip
     return out

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _reference as ref
+from ._bounds import check_step_indices
 
 BACKENDS = ("torch", "cpu", "cuda", "triton")
 _ENV = "PIECE_OPTIM_BACKEND"
@@ -140,6 +141,7 @@ class Backend:
         weight_decay: float,
         grad_is_sparse: bool = False,
     ) -> None:
+        check_step_indices(params, idxs)  # all tensors before any is written
         for p, g, i, m, v, w, s in zip(
             params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps, strict=True
         ):

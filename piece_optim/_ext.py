@@ -147,5 +147,6 @@ def _register_fakes() -> None:
         eps,
         weight_decay,
         grad_is_sparse,
+        status=None,
     ):  # noqa: ANN001, ANN202
         return None

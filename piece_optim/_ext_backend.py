@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import _ext
 from ._backends import Backend
+from ._bounds import StepStatus, check_step_indices
 
 _ACC = (torch.float32, torch.bfloat16)
 _IO = (torch.float32, torch.bfloat16, torch.float16)
@@ -67,6 +68,7 @@ class _ExtBackend(Backend):
         self._ops = torch.ops.piece_optim
         self._cand: dict[int, tuple] = {}
         self._candidates = self._dispatch_key == "CPU"  # the CUDA kernels keep none
+        self._status = StepStatus()
 
     def supports(self, device: torch.device) -> tuple[bool, str]:
         device = torch.device(device)
@@ -158,6 +160,8 @@ class _ExtBackend(Backend):
         ok_1, ok_2 = [], []
         hist_ok = hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 65536
         for s1, s2 in zip(sum_gs, sum_g2s, strict=True):
+            if s2.numel() == 0:
+                continue  # nothing to count (the op would read an empty sum_g as "none")
             if hist_ok and self._score_ok(s1, s2, method):
                 ok_1.append(s1 if method == "piece-s" else None)
                 ok_2.append(s2)
@@ -258,15 +262,20 @@ class _ExtBackend(Backend):
         weight_decay: float,
         grad_is_sparse: bool = False,
     ) -> None:
-        """All tensors in one kernel call; bias corrections computed here as the reference does."""
+        """All tensors in one kernel call; bias corrections computed here as the reference does.
+
+        Tensors the kernels do not take go to the reference.  Every index is checked before
+        anything is written: the C++ CPU op checks its own (and raises before writing);
+        the others (reference fallbacks, CUDA tensors) are checked here first, see
+        :mod:`piece_optim._bounds`.
+        """
         lists: tuple[list, ...] = ([], [], [], [], [], [], [], [])
+        fallback = []
         for p, g, i, m, v, w, s in zip(
             params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps, strict=True
         ):
             if not self._adam_ok(p, g, i, m, v, w, grad_is_sparse):
-                super().adamw_step_(p, g, i, m, v, w, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                    weight_decay=weight_decay, step=s,
-                                    grad_is_sparse=grad_is_sparse)  # fmt: skip
+                fallback.append((p, g, i, m, v, w, s))
                 continue
             # the same double expressions as _reference.adamw_step_
             bias_correction1 = 1 - beta1**s
@@ -275,10 +284,42 @@ class _ExtBackend(Backend):
                     lr / bias_correction1, math.sqrt(bias_correction2))  # fmt: skip
             for lst, val in zip(lists, vals, strict=True):
                 lst.append(val)
+        check_step_indices([f[0] for f in fallback], [f[2] for f in fallback])
         if lists[0]:
-            self._ops.adamw_step_many_(*lists, lr, beta1, beta2, eps, weight_decay,
-                                       grad_is_sparse)  # fmt: skip
+            if self._dispatch_key == "CPU":
+                self._ops.adamw_step_many_(*lists, lr, beta1, beta2, eps, weight_decay,
+                                           grad_is_sparse)  # fmt: skip
+            else:
+                self._cuda_adamw(lists, lr, beta1, beta2, eps, weight_decay, grad_is_sparse)
             _bump(*lists[0], *lists[3], *lists[4], *lists[5])
+        for p, g, i, m, v, w, s in fallback:
+            super().adamw_step_(
+                p,
+                g,
+                i,
+                m,
+                v,
+                w,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                step=s,
+                grad_is_sparse=grad_is_sparse,
+            )
+
+    def _cuda_adamw(self, lists: tuple[list, ...], *scalars: object) -> None:
+        """CUDA: indices checked here first, then one op call per device, whose kernels skip
+        (and flag) an index changed behind that check."""
+        check_step_indices(lists[0], lists[2])
+        by_device: dict[torch.device, list[int]] = {}
+        for j, p in enumerate(lists[0]):
+            by_device.setdefault(p.device, []).append(j)
+        for device, ids in by_device.items():
+            status = self._status.flag(device)
+            self._ops.adamw_step_many_(*([lst[j] for j in ids] for lst in lists), *scalars, status)
+            self._status.launched(device)
 
 
 class CpuBackend(_ExtBackend):

@@ -43,6 +43,11 @@ def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int64 if numel >= 2**31 else torch.int32
 
 
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the AdamW math and moments: float64 for float64 params, else fp32."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
 def accumulate_(grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor) -> None:
     """Fold one gradient term into the sums: ``sum_g += g``, ``sum_g2 += g*g`` (fp32 math)."""
     g = grad.reshape(-1).float()
@@ -60,8 +65,20 @@ def accumulate_(grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor) -> None:
 def score(sum_g: Tensor | None, sum_g2: Tensor, method: str, eps: float) -> Tensor:
     """PIECE importance score, flat fp32.
 
-    ``piece-f``: ``sum_g2``.  ``piece-s``: ``|sum_g| / sqrt(sum_g2 + eps)``, defined as 0
-    where both the numerator and the denominator are 0 (only possible with eps == 0).
+    ``piece-f``: ``sum_g2``.  ``piece-s``: ``|sum_g| / sqrt(sum_g2 + eps)``.
+
+    The scoring rule every backend implements (reference, C++, Triton, CUDA), so that bad
+    numbers reach selection, whose NaN/Inf check then refuses them, instead of turning
+    into plausible scores:
+
+    * NaN in, NaN out: a NaN in either sum gives a NaN score.
+    * Overflow stays visible: where ``sqrt(sum_g2 + eps)`` is +inf (``g*g`` or the sum
+      overflowed fp32, e.g. one gradient of 1e20) the score is +inf, not ``finite/inf = 0``.
+    * Where ``sqrt(sum_g2 + eps)`` is 0 (eps == 0 and every ``g*g`` was 0 or underflowed
+      below fp32's smallest denormal) the score is 0: nothing measurable.
+
+    Both special cases are computed as ``|sum_g| * 0`` (+ inf), which is 0 for a finite
+    numerator and NaN for a NaN one, so the first rule holds in every branch.
     """
     if method == "piece-f":
         return sum_g2.float().reshape(-1).clone()
@@ -70,8 +87,9 @@ def score(sum_g: Tensor | None, sum_g2: Tensor, method: str, eps: float) -> Tens
             raise ValueError("piece-s needs sum_g; the estimator was built without it")
         num = sum_g.float().reshape(-1).abs()
         den = (sum_g2.float().reshape(-1) + eps).sqrt()
-        s = num / den
-        return torch.where(den > 0, s, torch.zeros_like(s))
+        zero = num * 0.0  # 0, or NaN where the numerator is NaN/inf
+        s = torch.where(den == 0, zero, num / den)
+        return torch.where(den == math.inf, zero + math.inf, s)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -128,17 +146,27 @@ def adamw_step_(
     aligned with ``idx``.  ``exp_avg``/``exp_avg_sq`` (and ``master``, the fp32 copy of
     the selected entries kept for bf16/fp16 params) are fp32 of length k (or shaped like
     the param when dense).  Entries outside ``idx`` are never read or written.
+
+    Math is fp32, except for float64 params: those are computed in float64 with float64
+    moments, as ``torch.optim.AdamW`` does (rounding them through fp32 every step would
+    be a silent loss of precision).
     """
     flat = param.view(-1)
+    dt = compute_dtype(param.dtype)
+    if exp_avg.dtype != dt or exp_avg_sq.dtype != dt:
+        raise ValueError(
+            f"exp_avg/exp_avg_sq are {exp_avg.dtype}/{exp_avg_sq.dtype}; a {param.dtype} "
+            f"parameter needs {dt} moments"
+        )
     if idx is None:
         g = grad.reshape(-1)
-        w = master if master is not None else flat
+        w = master.view(-1) if master is not None else flat
     else:
         g = grad.reshape(-1) if grad_is_sparse else grad.reshape(-1)[idx]
-        w = master if master is not None else flat[idx]
-    g = g.float()
-    if w.dtype != torch.float32:
-        w = w.float()
+        w = master.view(-1) if master is not None else flat[idx]
+    g = g.to(dt)
+    if w.dtype != dt:
+        w = w.to(dt)
     m = exp_avg.view(-1)
     v = exp_avg_sq.view(-1)
 
@@ -153,8 +181,8 @@ def adamw_step_(
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     w.addcdiv_(m, denom, value=-step_size)
 
-    if master is not None and w is not master:
-        master.copy_(w)
+    if master is not None and w.data_ptr() != master.data_ptr():
+        master.copy_(w.view_as(master))
     if idx is None:
         if w is not flat:
             flat.copy_(w)

@@ -122,8 +122,9 @@ def _threshold(
     if n_bad:
         raise FloatingPointError(
             f"{n_bad} importance scores are NaN, infinite or negative: the gradients "
-            "collected contained NaN/Inf. Check the loss of the calibration batches "
-            "(or lower the learning rate / use fp32) and collect again."
+            "collected contained NaN/Inf, or a gradient so large (|g| > ~1.8e19) that g*g "
+            "overflowed fp32. Check the loss of the calibration batches (or lower the "
+            "learning rate / use fp32) and collect again."
         )
     top, above = _find_bin(h, k)
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._backends import Backend
+from ._bounds import StepStatus, check_step_indices
 
 
 def _interpreting() -> bool:
@@ -38,6 +39,7 @@ class TritonBackend(Backend):
         self._compact = compact
         self._hist = histogram
         self._score = score
+        self._status = StepStatus()
 
     def supports(self, device: torch.device) -> tuple[bool, str]:
         device = torch.device(device)
@@ -91,9 +93,21 @@ class TritonBackend(Backend):
                     exp_avg_sq: Tensor, master: Tensor | None, *, lr: float, beta1: float,
                     beta2: float, eps: float, weight_decay: float, step: int,
                     grad_is_sparse: bool = False) -> None:  # fmt: skip
-        self._adamw.adamw_triton(param, grad, idx, exp_avg, exp_avg_sq, master, lr=lr,
-                                 beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                                 step=step, grad_is_sparse=grad_is_sparse)  # fmt: skip
+        self.adamw_step_many_(
+            [param],
+            [grad],
+            [idx],
+            [exp_avg],
+            [exp_avg_sq],
+            [master],
+            [step],
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_is_sparse=grad_is_sparse,
+        )
 
     def adamw_step_many_(self, params: Sequence[Tensor], grads: Sequence[Tensor],
                          idxs: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
@@ -101,7 +115,42 @@ class TritonBackend(Backend):
                          steps: Sequence[int], *, lr: float, beta1: float, beta2: float,
                          eps: float, weight_decay: float,
                          grad_is_sparse: bool = False) -> None:  # fmt: skip
-        self._adamw.adamw_many_triton(params, grads, idxs, exp_avgs, exp_avg_sqs, masters,
-                                      steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                      weight_decay=weight_decay,
-                                      grad_is_sparse=grad_is_sparse)  # fmt: skip
+        """The kernel on fp32/bf16/fp16 params; float64 params (and moments) take the
+        reference, which computes them in float64 as torch's AdamW does.  Indices are
+        checked before anything is written (see :mod:`piece_optim._bounds`)."""
+        check_step_indices(params, idxs)
+        hyper = dict(
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_is_sparse=grad_is_sparse,
+        )
+        by_device: dict[torch.device, list[int]] = {}
+        wide = []
+        for i, p in enumerate(params):
+            (wide if p.dtype == torch.float64 else by_device.setdefault(p.device, [])).append(i)
+        for device, ids in by_device.items():
+            err = self._status.flag(device)
+            self._adamw.adamw_many_triton(
+                *(
+                    [seq[i] for i in ids]
+                    for seq in (params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps)
+                ),
+                err=err,
+                **hyper,
+            )
+            self._status.launched(device)
+        for i in wide:
+            Backend.adamw_step_(
+                self,
+                params[i],
+                grads[i],
+                idxs[i],
+                exp_avgs[i],
+                exp_avg_sqs[i],
+                masters[i],
+                step=steps[i],
+                **hyper,
+            )

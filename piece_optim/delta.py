@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ._reference import index_dtype_for
-from .mask import SparseMask, atomic_save_safetensors, validate_indices
+from .mask import SparseMask, atomic_save_safetensors, load_safetensors_checked, validate_indices
 
 _FORMAT = "piece_optim.SparseDelta/1"
 
@@ -119,30 +119,32 @@ def _int_view(dtype: torch.dtype) -> torch.dtype:
 
 
 def load_delta(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
-    """``{name: {"idx", "old", "new"}}`` from a file written by :func:`save_delta`."""
-    from safetensors import safe_open
+    """``{name: {"idx", "old", "new", "shape"}}`` from a file written by :func:`save_delta`.
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"load_delta: no such file {str(path)!r}")
+    Errors name the path: a missing file (FileNotFoundError), an empty, truncated or
+    corrupted one (its SHA-256 is checked), another format (ValueError).
+    """
+    meta, tensors = load_safetensors_checked(
+        path, _FORMAT, "load_delta", "sparse delta", frozenset({"format", "order", "shapes"})
+    )
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"load_delta: {path} is not a piece_optim sparse delta file")
-            order = json.loads(meta["order"])
-            out = {n: {k: f.get_tensor(f"{k}/{n}") for k in ("idx", "old", "new")} for n in order}
-    except ValueError:
-        raise
-    except Exception as exc:  # safetensors raises its own SafetensorError on a bad header
-        if type(exc).__name__ != "SafetensorError" and not isinstance(exc, OSError):
-            raise
-        raise ValueError(f"load_delta: cannot read {path}: {exc}") from exc
-    shapes = json.loads(meta["shapes"])
+        order = json.loads(meta["order"])
+        shapes = json.loads(meta["shapes"])
+        out = {n: {k: tensors.pop(f"{k}/{n}") for k in ("idx", "old", "new")} for n in order}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(
+            f"load_delta: {path}: malformed delta metadata or tensors ({exc!r})"
+        ) from exc
+    if tensors:
+        raise ValueError(f"load_delta: {path}: unexpected tensors {sorted(tensors)[:3]}")
     for n, d in out.items():
-        numel = 1
-        for s in shapes[n]:
-            numel *= s
-        d["idx"] = validate_indices(d["idx"], numel, f"delta[{n!r}]")
+        try:
+            numel = 1
+            for s in shapes[n]:
+                numel *= int(s)
+            d["idx"] = validate_indices(d["idx"], numel, f"delta[{n!r}]")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"load_delta: {path}: {exc}") from exc
         if not d["old"].numel() == d["new"].numel() == d["idx"].numel():
             raise ValueError(f"load_delta: {path}: entry {n!r} has mismatched lengths")
         d["shape"] = torch.tensor(shapes[n], dtype=torch.long)
@@ -150,10 +152,19 @@ def load_delta(path: str | os.PathLike) -> dict[str, dict[str, Tensor]]:
 
 
 def _write(model: nn.Module, path: str | os.PathLike, src: str, dst: str, strict: bool) -> int:
+    """Write the delta's ``dst`` values into ``model``: all of them or, on any error, none.
+
+    Everything is checked first (names, shapes, dtypes, the ``src`` values when strict);
+    then each parameter's current values at the delta's entries are kept and the writes
+    happen; if one fails (e.g. out of memory on a device), those already written are put
+    back before the error propagates.  Non-contiguous parameters are written in place
+    through their multi-dimensional indices.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     delta = load_delta(path)
     params = dict(model.named_parameters())
+    plan = []
     for name, d in delta.items():  # validate everything before changing anything
         if name not in params:
             raise KeyError(f"the delta names parameter {name!r}, which the model lacks")
@@ -163,23 +174,43 @@ def _write(model: nn.Module, path: str | os.PathLike, src: str, dst: str, strict
                 f"parameter {name!r} is {tuple(p.shape)}/{p.dtype}; the delta was made for "
                 f"{tuple(d['shape'].tolist())}/{d[dst].dtype}"
             )
+        if p.device.type == "meta":
+            raise ValueError(f"parameter {name!r} is on the meta device: it has no values")
+        target, where = _positions(p.detach(), d["idx"].long().to(p.device))
+        cur = target[where]  # a copy: the values to put back if a later write fails
         if strict:
-            cur = p.detach().reshape(-1)[d["idx"].long().to(p.device)].cpu()
-            iv = _int_view(cur.dtype) if cur.dtype.is_floating_point else cur.dtype
-            if not torch.equal(cur.view(iv), d[src].view(iv)):
+            cur_cpu = cur.cpu()
+            iv = _int_view(cur_cpu.dtype) if cur_cpu.dtype.is_floating_point else cur_cpu.dtype
+            if not torch.equal(cur_cpu.view(iv), d[src].view(iv)):
                 state = "base" if src == "old" else "fine-tuned"
                 raise ValueError(
                     f"parameter {name!r} does not hold the delta's {state} values: the delta "
                     "was made for another model (or was already applied/reverted); pass "
                     "strict=False to write anyway"
                 )
+        plan.append((target, where, d[dst].to(p.device), cur))
     n = 0
+    done = []
     with torch.no_grad():
-        for name, d in delta.items():
-            p = params[name]
-            p.view(-1)[d["idx"].long().to(p.device)] = d[dst].to(p.device)
-            n += d["idx"].numel()
+        try:
+            for target, where, values, cur in plan:
+                target[where] = values
+                done.append((target, where, cur))
+                n += values.numel()
+        except BaseException:
+            for target, where, cur in reversed(done):
+                target[where] = cur
+            raise
     return n
+
+
+def _positions(t: Tensor, flat_idx: Tensor) -> tuple[Tensor, Tensor | tuple[Tensor, ...]]:
+    """``(view, index)`` such that ``view[index]`` are the flat positions ``flat_idx`` of
+    ``t`` (row-major, as ``t.reshape(-1)``), writable in place even when ``t`` is not
+    contiguous (then through its multi-dimensional indices)."""
+    if t.is_contiguous():
+        return t.view(-1), flat_idx
+    return t, torch.unravel_index(flat_idx, t.shape)
 
 
 def apply_delta(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> int:

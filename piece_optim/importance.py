@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from . import _hook_owners
 from ._backends import Backend, get_backend, validate_backend_name
 from ._reference import index_dtype_for
 from ._select import ScoreSource, TopkInfo, global_topk_info, kth_largest
-from .distributed import estimator_group, local_tensor, topk_hooks
+from ._sparse_grad import SparseGrad
+from .distributed import estimator_group, gather_global_indices, local_tensor, topk_hooks
 from .mask import SparseMask
 
 METHODS = {"piece-f": "piece-f", "fisher": "piece-f", "piece-s": "piece-s",
@@ -113,9 +117,9 @@ class ImportanceEstimator:
                 f"method={method!r} is unknown; choose 'piece-f' (alias 'fisher') or 'piece-s' "
                 "(alias 'second-order')"
             )
-        if eps != "auto" and (
-            isinstance(eps, (str, bool))
-            or not isinstance(eps, (int, float))
+        if not (isinstance(eps, str) and eps == "auto") and (
+            isinstance(eps, bool)
+            or not isinstance(eps, numbers.Real)
             or not math.isfinite(eps)
             or eps < 0
         ):
@@ -145,10 +149,19 @@ class ImportanceEstimator:
         self._others: list[nn.Parameter] = []  # trainable but excluded
         self._numel_total = 0
         seen: set[int] = set()
+        self._trainable: dict[str, int] = {}  # name -> id(param): what select() was made for
         for name, p in model.named_parameters():
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
+            self._trainable[name] = id(p)
+            if p.device.type == "meta":
+                raise ValueError(
+                    f"parameter {name!r} is on the meta device: it has no values (e.g. made "
+                    "under torch.device('meta') or init_empty_weights()). Materialise the "
+                    "model first (model.to_empty(device=...) and load or initialise the "
+                    "weights), then make the ImportanceEstimator"
+                )
             self._numel_total += p.numel()
             if p.numel() == 0:
                 self._others.append(p)  # nothing to score; its grad is still dropped
@@ -157,7 +170,7 @@ class ImportanceEstimator:
                 self._others.append(p)
                 continue
             self._params[name] = p
-            self._shapes[name] = tuple(local_tensor(p).shape)  # FSDP2: the local shard's
+            self._shapes[name] = tuple(p.shape)  # FSDP2: the full parameter's (masks are global)
         if not self._params:
             raise ValueError(
                 "no parameter is eligible for selection: all are frozen, empty or excluded "
@@ -170,6 +183,13 @@ class ImportanceEstimator:
         self._term_seen: set[str] = set()  # in_backward: params folded in the current term
         self._hooks: list = []
         self._closed = False
+        named = [*self._params.items(), *((None, p) for p in self._others)]
+        _hook_owners.check_free(named, "ImportanceEstimator", self)
+        self._desc = (
+            f"ImportanceEstimator(in_backward={self.in_backward}) on {type(model).__name__} "
+            f"made at {_hook_owners.creation_site()}"
+        )
+        _hook_owners.note_reader(self, self._params.values(), self._desc)
         if self.in_backward:
             self._install_hooks()
 
@@ -188,9 +208,50 @@ class ImportanceEstimator:
             )
         return self._sum_g[name], self._sum_g2[name]
 
-    def _check_open(self) -> None:
+    def _check_open(self, where: str) -> None:
         if self._closed:
             raise RuntimeError("this ImportanceEstimator is closed; make a new one")
+        self._check_model_unchanged(where)
+
+    def _check_model_unchanged(self, where: str) -> None:
+        """Raise if the model's parameters changed since the estimator was made.
+
+        The sums cover the parameters seen at construction; a layer replaced, a parameter
+        added or unfrozen afterwards would be ignored by the mask (or given the old
+        tensor's scores) without a word.  Freezing one is harmless (it scores 0).
+        """
+        now: dict[str, int] = {}
+        trainable: dict[str, int] = {}
+        seen: set[int] = set()
+        for name, p in self.model.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            now[name] = id(p)
+            if p.requires_grad:
+                trainable[name] = id(p)
+        known = set(self._trainable.values())
+        replaced = [n for n, i in self._trainable.items() if n in now and now[n] != i]
+        removed = [n for n in self._trainable if n not in now]
+        added = [n for n, i in trainable.items() if n not in self._trainable and i not in known]
+        if not (replaced or removed or added):
+            return
+        parts = []
+        for label, names in (
+            ("replaced by a new tensor", replaced),
+            ("removed", removed),
+            ("added or unfrozen", added),
+        ):
+            if names:
+                shown = ", ".join(repr(n) for n in names[:3])
+                more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+                parts.append(f"{label}: {shown}{more}")
+        raise RuntimeError(
+            f"{where}: the model's parameters changed since this ImportanceEstimator was made "
+            f"({'; '.join(parts)}). Its sums cover the parameters it was made with; make a "
+            "new ImportanceEstimator after changing the model (replacing layers, wrapping, "
+            "unfreezing)"
+        )
 
     def collect(self) -> None:
         """Fold every eligible parameter's ``.grad`` into the sums, then clear all grads.
@@ -198,7 +259,7 @@ class ImportanceEstimator:
         One call is one term :math:`g_b`.  With ``in_backward=True`` the hooks have already
         folded the gradients; ``collect()`` then only checks that a backward happened.
         """
-        self._check_open()
+        self._check_open("collect()")
         if self.in_backward:
             if self._terms == 0:
                 raise RuntimeError(
@@ -212,6 +273,14 @@ class ImportanceEstimator:
                 continue
             if p.grad.is_sparse:
                 raise TypeError(f"collect(): parameter {name!r} has a sparse .grad; not supported")
+            if isinstance(p.grad, SparseGrad):
+                other = _hook_owners.consumer_of([p], exclude=self) or "a SparseAdamW"
+                raise RuntimeError(
+                    f"collect(): parameter {name!r} holds only the selected entries of its "
+                    f"gradient (a SparseGrad): the sparse_grads hooks of {other} replaced it. "
+                    "Call close() on that optimizer and model.zero_grad() before estimating "
+                    "with this model"
+                )
             s1, s2 = self._accumulators(name, p)
             backend = self._backend_for(p)
             entry = by_backend.setdefault(id(backend), (backend, [], [], []))
@@ -219,6 +288,20 @@ class ImportanceEstimator:
             entry[2].append(s1)
             entry[3].append(s2)
         if not by_backend:
+            other = _hook_owners.consumer_of(self._params.values(), exclude=self)
+            if other is not None:
+                raise RuntimeError(
+                    f"collect(): no eligible parameter has a .grad: the gradient hooks of "
+                    f"{other} took them. Call close() on it before estimating with this model"
+                )
+            other = _hook_owners.other_reader(self._params.values(), exclude=self)
+            if other is not None:
+                raise RuntimeError(
+                    "collect(): no eligible parameter has a .grad. Another estimator on these "
+                    f"parameters is open, {other}, and its collect() clears the gradients it "
+                    "folds: run loss.backward() before each estimator's collect(), or close() "
+                    "the other one"
+                )
             raise RuntimeError(
                 "collect(): no eligible parameter has a .grad; call loss.backward() before "
                 "collect()"
@@ -233,26 +316,36 @@ class ImportanceEstimator:
         self._terms += 1
 
     def _install_hooks(self) -> None:
+        # The hooks hold the estimator weakly: one dropped without close() stops consuming
+        # gradients once it is collected, and _hooks' finalizer then removes the hooks and
+        # warns, naming it (a strong reference kept it, and the hooks, alive for good).
+        ref = weakref.ref(self)
+
         def fold(name: str):
             def hook(p: Tensor) -> None:
-                if p.grad is None:
+                est = ref()
+                if est is None or p.grad is None:
                     return
                 _check_not_reentrant_checkpoint()
-                self._note_term(name)
-                s1, s2 = self._accumulators(name, p)
+                est._note_term(name)
+                s1, s2 = est._accumulators(name, p)
                 with torch.no_grad():
-                    self._fold_many(self._backend_for(p), [p.grad], [s1], [s2])
+                    est._fold_many(est._backend_for(p), [p.grad], [s1], [s2])
                 p.grad = None
 
             return hook
 
         def drop(p: Tensor) -> None:
-            p.grad = None
+            if ref() is not None:
+                p.grad = None
 
         for name, p in self._params.items():
             self._hooks.append(p.register_post_accumulate_grad_hook(fold(name)))
         for p in self._others:
             self._hooks.append(p.register_post_accumulate_grad_hook(drop))
+        _hook_owners.register(
+            self, [*self._params.values(), *self._others], self._hooks, self._desc
+        )
 
     def _note_term(self, name: str) -> None:
         # A post-accumulate-grad hook fires once per parameter per backward, so meeting a
@@ -270,12 +363,13 @@ class ImportanceEstimator:
     # -- results ------------------------------------------------------------------------
     def _sources(
         self,
+        where: str,
         reference: ImportanceEstimator | Mapping[str, Tensor] | None = None,
         weight: float | None = None,
         pool: float | None = None,
         k: int | None = None,
     ) -> list[tuple[str, ScoreSource]]:
-        self._check_open()
+        self._check_open(where)
         if not self._sum_g2:
             raise RuntimeError(
                 "no gradients were collected yet: run backward() and collect() on the "
@@ -406,7 +500,7 @@ class ImportanceEstimator:
         out = {}
         for name, p in self._params.items():
             s2 = self._accumulators(name, p)[1]
-            out[name] = (s2.float() / self._terms).view(self._shapes[name])
+            out[name] = (s2.float() / self._terms).view(local_tensor(p).shape)  # FSDP2: shard
         return out
 
     def _quantile_nonzero(self, sources: list[ScoreSource], q: float) -> float:
@@ -433,7 +527,9 @@ class ImportanceEstimator:
     ) -> float:
         """The eps PIECE-S uses now: ``eps`` itself, or the value ``"auto"`` resolves to
         for the sums collected so far (and the reference, if given; see :meth:`select`)."""
-        return self._resolve_eps([s for _, s in self._sources(reference, reference_weight)])
+        return self._resolve_eps(
+            [s for _, s in self._sources("resolved_eps()", reference, reference_weight)]
+        )
 
     def scores(
         self,
@@ -442,14 +538,16 @@ class ImportanceEstimator:
     ) -> dict[str, Tensor]:
         """``{name: fp32 score tensor shaped like the param}``; excluded names are absent.
 
+        Under FSDP2 each rank gets the scores of its own shard (shaped like
+        ``param.to_local()``); :meth:`select` returns the global mask.
         ``reference``, ``reference_weight``: the protective score, see :meth:`select`.
         """
-        sources = self._sources(reference, reference_weight)
+        sources = self._sources("scores()", reference, reference_weight)
         eps = self._resolve_eps([s for _, s in sources])
         out = {}
         for name, src in sources:
             s = src.backend.score(src.sum_g, src.sum_g2, self.method, eps)
-            out[name] = s.view(self._shapes[name])
+            out[name] = s.view(local_tensor(self._params[name]).shape)  # FSDP2: local shard
         return out
 
     def select(
@@ -507,8 +605,11 @@ class ImportanceEstimator:
         if tie_break not in ("magnitude", "position"):
             raise ValueError(f"select(): tie_break={tie_break!r} must be 'magnitude' or 'position'")
         if k is None:
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            # any real number (numpy scalars included), taken as a Python float: k is the
+            # same for np.float32(r) as for float(np.float32(r))
+            if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
                 raise TypeError(f"select(): ratio must be a float in (0, 1], got {ratio!r}")
+            ratio = float(ratio)
             if not (ratio == ratio) or not 0 < ratio <= 1:
                 raise ValueError(f"select(): ratio={ratio!r} must be in (0, 1] (e.g. 1e-3)")
             k = int(ratio * self._numel_total)
@@ -517,9 +618,10 @@ class ImportanceEstimator:
                     f"select(): ratio={ratio!r} of {self._numel_total} trainable entries selects "
                     "nothing; raise the ratio or pass k="
                 )
-        elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        elif isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"select(): k={k!r} must be a positive int")
-        sources = self._sources(reference, reference_weight, reference_pool, k)
+        k = int(k)  # numpy integers included
+        sources = self._sources("select()", reference, reference_weight, reference_pool, k)
         eligible = sum(p.numel() for p in self._params.values())  # global under FSDP2
         if k > eligible:
             raise ValueError(
@@ -535,6 +637,8 @@ class ImportanceEstimator:
                 idxs, info = global_topk_info(
                     srcs, k, self.method, eps, tie_break=tie_break, **hooks
                 )
+                # local shard positions -> the global mask, the same on every rank
+                idxs = gather_global_indices(list(self._params.values()), idxs, self._group)
             else:
                 idxs, info = _chunked_topk(srcs, k, self.method, eps, tie_break)
         self.last_selection = self._report(info, eps)

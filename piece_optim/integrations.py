@@ -20,13 +20,26 @@ subclass, no patched training loop):
    element is not an Optimizer class is called and handed the model), so estimation
    happens inside ``create_optimizer()``, after the model is on its device.
 
+   Checkpoints: every ``SparseAdamW.state_dict()`` carries its mask (``"piece_mask"``), so
+   each Trainer checkpoint's ``optimizer.pt`` holds it.  ``trainer.train(
+   resume_from_checkpoint=...)`` does not estimate again (the weights it would estimate on
+   are the checkpoint's, so the mask would differ): the optimizer takes the mask from the
+   checkpoint's optimizer state, and training continues bit for bit.
+
 Hyperparameters come from ``TrainingArguments`` (``learning_rate``, ``adam_beta1/2``,
 ``adam_epsilon``, ``weight_decay`` with Trainer's usual no-decay groups for biases and
-norms); gradient clipping (``max_grad_norm``) and the lr scheduler work unchanged because
-the gradients and param groups are ordinary ones.
+norms); the lr scheduler works unchanged.  Gradient clipping (``max_grad_norm``) and
+gradient accumulation work unchanged too, also with ``sparse_grads=True``: the sparse
+gradients are :class:`~piece_optim.optim.SparseGrad` tensors on ``param.grad``, which
+``clip_grad_norm_`` clips and Trainer's ``grad_norm`` log reports.  With
+``sparse_grads=True`` that norm is over the selected entries (the ones the step uses);
+with dense gradients it is torch's, over every entry of every gradient.
 
 ``accelerate``: ``Accelerator.prepare(model, SparseAdamW(...))`` needs nothing special;
-the optimizer is wrapped like any other.
+``accelerator.clip_grad_norm_`` clips (and returns the norm of) the gradients as above.
+
+Under ``torchrun`` (DDP), :func:`use_sparse_allreduce` makes the Trainer all-reduce only
+the selected gradient entries (:func:`piece_optim.distributed.sparse_allreduce_hook`).
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ from torch import nn
 
 from .importance import ImportanceEstimator
 from .mask import SparseMask
-from .optim import SparseAdamW
+from .optim import MASK_FROM_STATE_DICT, SparseAdamW
 
 
 def _loss_of(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -139,7 +152,10 @@ def piece_trainer_optimizer(
     Trainer hands the optimizer unnamed param groups, so the mask is bound to ``model``'s
     parameter objects here (:meth:`SparseMask.bind`).  ``optimizer_kwargs`` (``lr``,
     ``betas``, ``eps``, ``sparse_grads``, ...) go to :class:`SparseAdamW`; per-group weight
-    decay comes from ``TrainingArguments.weight_decay``.
+    decay comes from ``TrainingArguments.weight_decay``.  On this path Trainer applies no
+    other ``TrainingArguments`` hyperparameter (as for any ``optimizer_cls_and_kwargs``):
+    pass ``lr``, ``betas`` and ``eps`` here, or SparseAdamW's defaults (AdamW's) are used;
+    :func:`use_piece` reads them from ``TrainingArguments``.
     """
     if not isinstance(mask, SparseMask):
         raise TypeError(f"mask must be a SparseMask, got {type(mask).__name__}")
@@ -151,7 +167,11 @@ def piece_trainer_optimizer(
 class PieceOptimizerFactory:
     """Trainer's optimizer factory: estimate on the trainer's data, then make SparseAdamW.
 
-    Made by :func:`use_piece`; after training starts, ``mask`` holds the mask used.
+    Made by :func:`use_piece`; after training starts, ``mask`` holds the mask used.  When
+    the Trainer resumes from a checkpoint (it has loaded the checkpoint's TrainerState,
+    ``global_step > 0``, before it creates the optimizer), no estimation runs: the
+    optimizer is made with ``MASK_FROM_STATE_DICT`` and takes its mask from the
+    checkpoint's optimizer state, which Trainer loads right after creating it.
     """
 
     def __init__(self, trainer: Any, n_batches: int, ratio: float, method: str, eps: float,
@@ -163,15 +183,33 @@ class PieceOptimizerFactory:
         self.eps = eps
         self.exclude = tuple(exclude)
         self.optimizer_kwargs = optimizer_kwargs
-        self.mask: SparseMask | None = None
+        self.optimizer: SparseAdamW | None = None
+        self._mask: SparseMask | None = None
+
+    @property
+    def mask(self) -> SparseMask | None:
+        """The mask used (estimated, or taken from the checkpoint on resume)."""
+        if self._mask is None and self.optimizer is not None:
+            self._mask = _mask_of(self.optimizer)
+        return self._mask
 
     def build(self, model: nn.Module, **kwargs: Any) -> SparseAdamW:
         args = self.trainer.args
-        self.mask = estimate_mask(
-            model, self.trainer.get_train_dataloader(), n_batches=self.n_batches,
-            ratio=self.ratio, method=self.method, eps=self.eps, exclude=self.exclude,
-            progress=not args.disable_tqdm,
-        )  # fmt: skip
+        resuming = getattr(getattr(self.trainer, "state", None), "global_step", 0) > 0
+        if resuming:
+            mask: Any = MASK_FROM_STATE_DICT
+            self._mask = None
+        else:
+            mask = self._mask = estimate_mask(
+                model,
+                self.trainer.get_train_dataloader(),
+                n_batches=self.n_batches,
+                ratio=self.ratio,
+                method=self.method,
+                eps=self.eps,
+                exclude=self.exclude,
+                progress=not args.disable_tqdm,
+            )
         decay = set(self.trainer.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [
@@ -183,7 +221,20 @@ class PieceOptimizerFactory:
                   eps=args.adam_epsilon)  # fmt: skip
         hp.update(self.optimizer_kwargs)
         hp.update(kwargs)
-        return SparseAdamW(groups, mask=self.mask, **hp)
+        self.optimizer = SparseAdamW(groups, mask=mask, **hp)
+        return self.optimizer
+
+
+def _mask_of(opt: SparseAdamW) -> SparseMask | None:
+    """The SparseMask an optimizer (with named params) trains, or None before it has one."""
+    by_name = opt.mask_indices()
+    if not by_name or any(i is None for i in by_name.values()):
+        return None
+    shapes = {n: tuple(p.shape) for p, n in opt._names.items() if n in by_name}
+    total = opt._mask_total
+    if total is None:
+        total = sum(p.numel() for p in opt._ordered_params())
+    return SparseMask({n: i.cpu() for n, i in by_name.items()}, shapes, total)
 
 
 class _Builder:
@@ -229,3 +280,46 @@ def use_piece(
         raise RuntimeError("this transformers version does not treat callables as factories")
     trainer.optimizer_cls_and_kwargs = (builder, {})
     return factory
+
+
+def use_sparse_allreduce(trainer: Any) -> None:
+    """Make ``trainer`` all-reduce only the selected gradient entries under DDP.
+
+    Registers :func:`piece_optim.distributed.sparse_allreduce_hook` on the DDP model that
+    ``trainer.train()`` builds (Trainer wraps the model itself, after the optimizer is
+    made), with the trainer's :class:`SparseAdamW` as its state, when training begins.
+    Works with :func:`use_piece` and with :func:`piece_trainer_optimizer`.  One process:
+    nothing to do.  Other wrappers (FSDP, DeepSpeed) raise when training begins.
+
+    The gradients outside the selected entries are then zero on every rank, so
+    ``max_grad_norm`` clips by the selected entries' norm (see the hook's docstring).
+    """
+    from transformers import TrainerCallback
+
+    from .distributed import is_ddp, sparse_allreduce_hook
+
+    class _Register(TrainerCallback):
+        def __init__(self) -> None:
+            self.done: set[int] = set()
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model = trainer.model_wrapped
+            if not is_ddp(model):
+                if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                    raise NotImplementedError(
+                        f"use_sparse_allreduce: the Trainer wrapped the model in "
+                        f"{type(model).__name__}; the sparse all-reduce works under DDP only"
+                    )
+                return
+            if id(model) in self.done:  # DDP takes one comm hook; a second train() reuses it
+                return
+            opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps
+            if not isinstance(opt, SparseAdamW):
+                raise TypeError(
+                    f"use_sparse_allreduce: the trainer's optimizer is {type(opt).__name__}, "
+                    "not SparseAdamW; use use_piece() or piece_trainer_optimizer()"
+                )
+            model.register_comm_hook(opt, sparse_allreduce_hook)
+            self.done.add(id(model))
+
+    trainer.add_callback(_Register())

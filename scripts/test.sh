@@ -21,7 +21,9 @@ fi
 suite() {  # $1 = label, rest = environment assignments
   local label=$1; shift
   echo "== pytest ($label)"
+  local start=$SECONDS
   env "$@" $PY -m pytest -q -p no:cacheprovider tests
+  echo "== pytest ($label): $((SECONDS - start)) s"
 }
 
 suite "backend=auto"

@@ -1,14 +1,62 @@
+"""Test configuration: the test device, the cpu_only marker and the seed fixture.
+
+``PIECE_OPTIM_TEST_DEVICE`` (``cpu`` by default, or ``cuda``) is the device the
+device-aware tests build their models and tensors on (``helpers.DEVICE``).  With ``cpu``
+the suite is exactly the CPU suite (Triton runs in its interpreter).  With ``cuda`` the
+tests marked ``cpu_only`` (demo, distributed gloo, packaging, benchmark CSV, the C++ CPU
+kernels, the HF Trainer integration) are deselected, so a GPU stage
+(``PIECE_OPTIM_TEST_DEVICE=cuda PIECE_OPTIM_BACKEND=cuda|triton``) runs exactly the tests
+that exercise the GPU paths; pytest's summary line counts the deselected ones.
+"""
+
 import os
 
+import pytest
 import torch
+from helpers import DEVICE, fresh_seed  # imports torch only, not triton
 
-# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors.  This must
-# be set before anything imports triton (its @triton.jit reads it at decoration time).
-if not torch.cuda.is_available():
+# On the CPU the Triton kernels run in Triton's interpreter on CPU tensors.  This must be
+# set before anything imports triton (its @triton.jit reads it at decoration time).
+if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from helpers import fresh_seed  # noqa: E402
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "cpu_only(reason): CPU by nature (gloo, packaging, CSV, the C++ CPU kernels...); "
+        "deselected when PIECE_OPTIM_TEST_DEVICE=cuda",
+    )
+    # --collect-only may list the GPU selection on any machine (gpu_check.sh --dry-run)
+    if DEVICE.type == "cuda" and not config.option.collectonly:
+        if not torch.cuda.is_available():
+            raise pytest.UsageError(
+                "PIECE_OPTIM_TEST_DEVICE=cuda but torch sees no GPU (torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda}); unset it to test on CPU"
+            )
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise pytest.UsageError(
+                "PIECE_OPTIM_TEST_DEVICE=cuda with TRITON_INTERPRET=1: the GPU stage must run "
+                "the compiled Triton kernels; unset TRITON_INTERPRET"
+            )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (
+        f"piece_optim test device: {DEVICE} (PIECE_OPTIM_TEST_DEVICE), backend: "
+        f"{os.environ.get('PIECE_OPTIM_BACKEND') or 'auto'} (PIECE_OPTIM_BACKEND)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if DEVICE.type != "cuda":
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if item.get_closest_marker("cpu_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture

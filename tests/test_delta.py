@@ -11,6 +11,8 @@ from torch import nn
 import piece_optim as po
 from piece_optim.delta import load_delta
 
+pytestmark = pytest.mark.cpu_only("delta files: CPU models and file I/O, no kernels")
+
 
 def _model(dtype: torch.dtype) -> nn.Module:
     m = nn.Sequential(nn.Linear(13, 29), nn.Linear(29, 7), nn.LayerNorm(7))

@@ -23,6 +23,8 @@ from piece_optim.demo.methods import (
 )
 from piece_optim.demo.model import build_model
 
+pytestmark = pytest.mark.cpu_only("the demo trains on CPU by design (issue 15 owns it)")
+
 
 def test_tasks_are_deterministic_and_disjoint():
     for name in ("sentiment", "topic", "parity", "dates", "addition", "upper", "reverse"):

@@ -21,6 +21,9 @@ from piece_optim._backends import TorchBackend
 from piece_optim._reference import HIST_BINS
 from piece_optim._select import ScoreSource, global_topk
 
+# the CUDA kernels (CudaBackend) are checked by test_triton_kernels.py's be=cuda
+pytestmark = pytest.mark.cpu_only("the C++ CPU kernels")
+
 try:
     from piece_optim._ext_backend import CpuBackend
 

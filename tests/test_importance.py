@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import TinyNet, batches
+from helpers import DEVICE, TinyNet, batches
 
 import piece_optim as po
 from piece_optim._select import ScoreSource, global_topk
@@ -38,8 +38,8 @@ def _float64_sums(model: TinyNet, data) -> tuple[dict, dict, dict]:
 
 
 def brute_force_topk(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Stable sort by (-score, global position): the tie rule of DESIGN.md."""
-    flat = torch.cat([s.reshape(-1).double() for s in scores])
+    """Stable sort by (-score, global position): the tie rule of DESIGN.md (on the CPU)."""
+    flat = torch.cat([s.reshape(-1).double().cpu() for s in scores])
     order = torch.sort(-flat, stable=True).indices[:k]
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[order] = True
@@ -100,14 +100,14 @@ def test_select_equals_brute_force(seed, method, ratio):
     expect = brute_force_topk(list(scores.values()), k)
     assert mask.numel_selected() == k and mask.numel_total() == total
     for (name, _), idx in zip(scores.items(), expect, strict=True):
-        got = mask[name].long() if name in mask else torch.empty(0, dtype=torch.long)
+        got = mask[name].long().cpu() if name in mask else torch.empty(0, dtype=torch.long)
         assert torch.equal(got, idx), name
     assert math.isclose(mask.ratio, k / total)
 
 
 def _sources(tensors):
-    be = po._backends.get_backend("auto", "cpu")
-    return [ScoreSource(None, t.reshape(-1).contiguous(), t.numel(), torch.int32, be)
+    be = po._backends.get_backend("auto", DEVICE)
+    return [ScoreSource(None, t.reshape(-1).contiguous().to(DEVICE), t.numel(), torch.int32, be)
             for t in tensors]  # fmt: skip
 
 
@@ -124,18 +124,18 @@ def test_global_topk_ties_lower_position_wins(seed, n_levels):
         expect = brute_force_topk(tensors, k)
         assert sum(i.numel() for i in got) == k
         for a, b in zip(got, expect, strict=True):
-            assert torch.equal(a.long(), b), (k, n_levels)
+            assert torch.equal(a.long().cpu(), b), (k, n_levels)
 
 
 def test_global_topk_all_equal_and_zero_scores(seed):
     t = [torch.zeros(50), torch.zeros(7)]
     got = global_topk(_sources(t), 53, "piece-f", 1.0)
-    assert torch.equal(got[0].long(), torch.arange(50))
-    assert torch.equal(got[1].long(), torch.arange(3))
+    assert torch.equal(got[0].long().cpu(), torch.arange(50))
+    assert torch.equal(got[1].long().cpu(), torch.arange(3))
     v = float(torch.rand(1).item()) + 1e-3
     t = [torch.full((10,), v), torch.full((10,), v)]
     got = global_topk(_sources(t), 5, "piece-f", 1.0)
-    assert torch.equal(got[0].long(), torch.arange(5)) and got[1].numel() == 0
+    assert torch.equal(got[0].long().cpu(), torch.arange(5)) and got[1].numel() == 0
 
 
 def test_global_topk_values_spanning_bins(seed):
@@ -147,7 +147,7 @@ def test_global_topk_values_spanning_bins(seed):
     for k in (1, 100, 997, 1500, 4511):
         got = global_topk(_sources([a, b, c]), k, "piece-f", 1.0)
         for x, y in zip(got, brute_force_topk([a, b, c], k), strict=True):
-            assert torch.equal(x.long(), y), k
+            assert torch.equal(x.long().cpu(), y), k
 
 
 def test_nan_scores_raise(seed):

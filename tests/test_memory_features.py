@@ -10,11 +10,12 @@ import copy
 
 import pytest
 import torch
-from helpers import TinyNet, batches
+from helpers import DEVICE, TinyNet, batches
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import piece_optim as po
+from piece_optim.optim import SparseGrad
 
 
 def _mask(model: nn.Module, seed: int, ratio: float = 0.2) -> po.SparseMask:
@@ -54,7 +55,9 @@ def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
         model.loss(x, y).backward()  # one big batch of 8
         for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
             (twin.loss(xs, ys) / micro).backward()
-            assert all(p.grad is None for p in twin.parameters())  # dense grads freed
+            for name, p in twin.named_parameters():  # dense grads freed, or kept sparse
+                want = SparseGrad if name in mask.names() else type(None)
+                assert type(p.grad) is want, name
         for name, p in model.named_parameters():
             if name in mask.names():
                 got = sparse.sparse_grad(named[name])
@@ -66,7 +69,9 @@ def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
         dense.step()
         sparse.step()
         dense.zero_grad()
-        assert sparse.grad_bytes() == 0  # step consumed the buffers
+        assert sparse.grad_bytes() == 4 * mask.numel_selected()  # step keeps grads, as AdamW
+        sparse.zero_grad()
+        assert sparse.grad_bytes() == 0
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
         if name not in mask.names():
@@ -116,7 +121,7 @@ def test_clip_grad_norm_equals_torch(seed, norm_type, max_norm):
         if p.grad is None:
             continue
         if name in mask.names():
-            keep = torch.zeros(p.numel(), dtype=torch.bool)
+            keep = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             keep[mask[name].long()] = True
             p.grad.mul_(keep.view_as(p.grad))
         else:
@@ -161,6 +166,7 @@ class _Blocks(nn.Module):
         self.blocks = nn.ModuleList(nn.Linear(dim, dim) for _ in range(3))
         self.norm = nn.LayerNorm(dim)
         self.ckpt: bool | None = None  # None: off, else use_reentrant
+        self.to(DEVICE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x)
@@ -224,48 +230,74 @@ def test_sparse_grads_errors(seed):
     opt = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
     with pytest.raises(KeyError, match="nope"):
         opt.sparse_grad("nope")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     x, y = batches(1, seed)[0]
-    scaler.scale(twin.loss(x, y)).backward()
-    with pytest.raises(RuntimeError, match="GradScaler.*bf16.*sparse_grads=False"):
-        scaler.step(opt)
+    twin.loss(x, y).backward()
+    g = twin.fc1.weight.grad
+    assert isinstance(g, SparseGrad) and g.shape == twin.fc1.weight.shape
+    with pytest.raises(
+        NotImplementedError, match="SparseGrad.*does not support.*sparse_grads=False"
+    ):
+        g.sum()  # anything but what gradient consumers call is refused, never read as dense
+    with pytest.raises(NotImplementedError, match="create_graph"):
+        twin.loss(x, y).backward(create_graph=True)
     opt.close()
 
 
-def test_sparse_grads_bf16_params_accumulate_in_fp32(seed):
-    """bf16 params: buffers are fp32 sums of the bf16 grads, equal to a float64 sum."""
+def test_grad_scaler_with_sparse_grads_equals_dense_grads(seed):
+    """fp16 autocast + GradScaler: unscale, inf check and skipped steps act on the SparseGrads."""
+    model, twin, mask = _pair(seed)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
+    sparse = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True, lr=1e-2)
+    scalers = [
+        torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8, growth_interval=2) for _ in "ab"
+    ]
+    name = mask.names()[-1]
+    scales = []
+    for step, (x, y) in enumerate(batches(5, seed + 1)):
+        for m, opt, scaler in zip((model, twin), (dense, sparse), scalers, strict=True):
+            with torch.autocast(DEVICE.type, dtype=torch.float16):
+                loss = m.loss(x, y)
+            scaler.scale(loss).backward()
+            if step == 2:  # a non-finite gradient at a selected entry: both skip the step
+                g = m.get_parameter(name).grad
+                if isinstance(g, SparseGrad):
+                    g.selected_values[0] = float("inf")
+                else:
+                    g.view(-1)[mask[name][0]] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        scales.append(scalers[1].get_scale())
+    assert scales[2] == scales[1] / 2  # the inf step was skipped and the scale halved
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    sparse.close()
+
+
+def test_sparse_grads_bf16_params_accumulate_like_dense_grads(seed):
+    """bf16 params: the SparseGrad sums backwards in bf16, exactly as autograd sums .grad."""
     torch.manual_seed(seed)
     model = TinyNet().to(torch.bfloat16)
     mask = _mask(model, seed)
-    grads: dict[str, torch.Tensor] = {}
-    named = dict(model.named_parameters())
-
-    def keep(name):
-        def hook(p):
-            grads[name] = grads.get(name, 0) + p.grad.double().reshape(-1)
-
-        return hook
-
-    # registered first, so the recorder runs before the optimizer's gather-and-free hook
-    handles = [p.register_post_accumulate_grad_hook(keep(n)) for n, p in named.items()
-               if n in mask.names()]  # fmt: skip
-    opt = po.SparseAdamW(model.named_parameters(), mask=mask, sparse_grads=True)
+    twin = copy.deepcopy(model)
+    dense = po.SparseAdamW(model.named_parameters(), mask=mask)
+    opt = po.SparseAdamW(twin.named_parameters(), mask=mask, sparse_grads=True)
     for x, y in batches(3, seed + 9):
         model.loss(x, y).backward()
-    for n in mask.names():
-        got = opt.sparse_grad(named[n])
-        assert got.dtype == torch.float32
-        want = grads[n][mask[n].long()]
-        torch.testing.assert_close(got.double(), want, rtol=2**-23 * 4, atol=0)
-    before = {n: p.detach().clone() for n, p in named.items()}
-    opt.step()
-    for n, p in named.items():
+        twin.loss(x, y).backward()
+    named = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
         if n in mask.names():
-            assert not torch.equal(p, before[n])
-        else:
-            assert torch.equal(p, before[n])
-    for h in handles:
-        h.remove()
+            got = opt.sparse_grad(named[n])
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, p.grad.reshape(-1)[mask[n].long()]), n
+    before = {n: p.detach().clone() for n, p in named.items()}
+    dense.step()
+    opt.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), n
+        assert torch.equal(q, before[n]) != (n in mask.names()), n
     opt.close()
 
 
@@ -277,17 +309,18 @@ def test_bf16_stochastic_rounding_is_unbiased_where_nearest_stalls(seed):
 
     g = torch.Generator().manual_seed(seed)
     n, terms = 4099, 300
-    start = 1.0 + 0.5 * torch.rand(n, generator=g)  # stays in [1, 2): bf16 ulp 2**-7
+    start = (1.0 + 0.5 * torch.rand(n, generator=g)).to(DEVICE)  # in [1, 2): bf16 ulp 2**-7
     sr_g = start.to(torch.bfloat16)
     sr_g2 = start.to(torch.bfloat16)
     rne_g2 = start.to(torch.bfloat16)
     exact_g = sr_g.double().clone()
     exact_g2 = sr_g2.double().clone()
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator(DEVICE).manual_seed(seed + 1)
     for _ in range(terms):
-        t = (torch.rand(n, generator=g) * 2 - 1) * 2**-10  # |t| < 2**-10
-        t2 = (torch.rand(n, generator=g) * 0.5 + 0.5) * 2**-5  # t2*t2 < 2**-10 < half ulp
-        accumulate_bf16_sr_(t, sr_g, torch.zeros(n, dtype=torch.bfloat16), gen)
+        t = ((torch.rand(n, generator=g) * 2 - 1) * 2**-10).to(DEVICE)  # |t| < 2**-10
+        # t2*t2 < 2**-10 < half ulp
+        t2 = ((torch.rand(n, generator=g) * 0.5 + 0.5) * 2**-5).to(DEVICE)
+        accumulate_bf16_sr_(t, sr_g, torch.zeros(n, dtype=torch.bfloat16, device=DEVICE), gen)
         accumulate_bf16_sr_(t2, None, sr_g2, gen)
         ref.accumulate_(t2, None, rne_g2)
         exact_g += t.double()
@@ -339,12 +372,14 @@ def test_in_backward_with_activation_checkpointing(seed, reentrant):
         x, y = data[0]
         with pytest.raises(RuntimeError, match="use_reentrant=False"):
             twin.loss(x, y).backward()
+        b.close()
         return
     for x, y in data:
         twin.loss(x, y).backward()
     assert b.num_terms == a.num_terms == 3
     for n, s in a.scores().items():
         torch.testing.assert_close(b.scores()[n], s, rtol=1e-5, atol=1e-9)
+    b.close()
 
 
 def test_chunked_select_equals_unchunked(seed, monkeypatch):

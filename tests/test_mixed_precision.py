@@ -1,4 +1,5 @@
-"""SparseAdamW under torch.autocast and torch.amp.GradScaler (fp16), sparse_grads=False."""
+"""SparseAdamW under torch.autocast and torch.amp.GradScaler (fp16), sparse_grads=False,
+on the test device."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import copy
 
 import pytest
 import torch
-from helpers import TinyNet, batches, rel_err
+from helpers import DEVICE, TinyNet, batches, rel_err
 
 import piece_optim as po
 
 
 def _run(model, opt, data, scaler=None, dtype=torch.float16):
     for x, y in data:
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(DEVICE.type, dtype=dtype):
             loss = model.loss(x, y)
         if scaler is None:
             loss.backward()
@@ -34,8 +35,8 @@ def test_autocast_with_grad_scaler_equals_torch_adamw(seed, dtype):
     data = batches(8, seed + 1)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
     opt = po.SparseAdamW(ours.named_parameters(), mask=None, lr=1e-2, weight_decay=0.05)
-    _run(ref, opt_ref, data, torch.amp.GradScaler("cpu", init_scale=2.0**10), dtype)
-    _run(ours, opt, data, torch.amp.GradScaler("cpu", init_scale=2.0**10), dtype)
+    _run(ref, opt_ref, data, torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10), dtype)
+    _run(ours, opt, data, torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10), dtype)
     for (n, a), b in zip(ref.named_parameters(), ours.parameters(), strict=True):
         if a.numel():
             assert rel_err(b, a) < 1e-6, n
@@ -47,13 +48,13 @@ def test_grad_scaler_skips_the_step_on_inf(seed):
     model = TinyNet()
     mask = {"fc1.weight": torch.arange(0, model.fc1.weight.numel(), 5)}
     opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**8)
     data = batches(2, seed + 1)
     _run(model, opt, data[:1], scaler)  # one good step: state exists
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in opt.state[model.fc1.weight].items()}
     scale = scaler.get_scale()
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
         loss = model.loss(*data[1])
     scaler.scale(loss).backward()
     model.fc1.weight.grad.view(-1)[7] = float("inf")
@@ -73,7 +74,7 @@ def test_masked_fp16_autocast_trains_only_selected(seed):
     mask = {"fc2.weight": torch.arange(3, model.fc2.weight.numel(), 11)}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-2)
-    _run(model, opt, batches(3, seed + 1), torch.amp.GradScaler("cpu", init_scale=2.0**6))
+    _run(model, opt, batches(3, seed + 1), torch.amp.GradScaler(DEVICE.type, init_scale=2.0**6))
     changed = (model.fc2.weight.detach() != before["fc2.weight"]).view(-1)
     selected = torch.zeros_like(changed)
     selected[mask["fc2.weight"]] = True

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TinyNet, adamw_oracle, batches, rel_err
+from helpers import DEVICE, TinyNet, adamw_oracle, batches, rel_err
 
 import piece_optim as po
 
@@ -78,12 +78,25 @@ def test_masked_equals_oracle_and_frozen_entries_untouched(seed, wd):
     for step, (x, y) in enumerate(batches(9, seed + 1), start=1):
         opt.zero_grad()
         model.loss(x, y).backward()
-        grads = {n: p.grad.view(-1)[mask[n].long()].double() for n, p in model.named_parameters()
-                 if n in mask}  # fmt: skip
+        grads = {
+            n: p.grad.view(-1)[mask[n].long()].double()
+            for n, p in model.named_parameters()
+            if n in mask
+        }
         opt.step()
         for n in mask:
-            w[n], m[n], v[n] = adamw_oracle(w[n], grads[n], m[n], v[n], lr=2e-2, beta1=0.8,
-                                            beta2=0.9, eps=1e-6, wd=wd, step=step)  # fmt: skip
+            w[n], m[n], v[n] = adamw_oracle(
+                w[n],
+                grads[n],
+                m[n],
+                v[n],
+                lr=2e-2,
+                beta1=0.8,
+                beta2=0.9,
+                eps=1e-6,
+                wd=wd,
+                step=step,
+            )
     for n, p in model.named_parameters():
         flat, orig = p.detach().view(-1), start[n].view(-1)
         if n in mask:
@@ -105,13 +118,13 @@ def test_masked_equals_oracle_and_frozen_entries_untouched(seed, wd):
 
 def test_state_bytes_and_ratio(seed):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(300, 301), torch.nn.Linear(301, 299))
+    model = torch.nn.Sequential(torch.nn.Linear(300, 301), torch.nn.Linear(301, 299)).to(DEVICE)
     n = sum(p.numel() for p in model.parameters())
     mask = _random_mask(model, 1e-3, seed, skip=())
     k = sum(i.numel() for i in mask.values())
     opt = po.SparseAdamW(model.named_parameters(), mask=mask)
     dense = torch.optim.AdamW(copy.deepcopy(model).parameters())
-    x = torch.randn(3, 300)
+    x = torch.randn(3, 300, device=DEVICE)
     model(x).square().mean().backward()
     opt.step()
     # 4 B index + 4 B m + 4 B v per selected entry, plus a 4 B step counter per tensor
@@ -120,8 +133,9 @@ def test_state_bytes_and_ratio(seed):
     dense_model = dense.param_groups[0]["params"]
     sum(p.sum() for p in dense_model).backward()
     dense.step()
-    dense_bytes = sum(t.numel() * t.element_size() for st in dense.state.values()
-                      for t in st.values())  # fmt: skip
+    dense_bytes = sum(
+        t.numel() * t.element_size() for st in dense.state.values() for t in st.values()
+    )
     assert dense_bytes >= 8 * n
     assert dense_bytes / opt.state_bytes() > 500
 
@@ -162,10 +176,10 @@ def test_state_dict_reload_continues_bit_identically(seed, tmp_path):
 
 def test_load_state_dict_keeps_fp32_state_for_bf16_params(seed):
     torch.manual_seed(seed)
-    model = torch.nn.Linear(17, 9).to(torch.bfloat16)
+    model = torch.nn.Linear(17, 9).to(DEVICE, torch.bfloat16)
     mask = {"weight": torch.tensor([0, 5, 100, 152]), "bias": torch.tensor([3])}
     opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-3)
-    model(torch.randn(2, 17, dtype=torch.bfloat16)).float().square().sum().backward()
+    model(torch.randn(2, 17, dtype=torch.bfloat16, device=DEVICE)).float().square().sum().backward()
     opt.step()
     sd = opt.state_dict()
     opt2 = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-3)
@@ -200,16 +214,22 @@ def test_closure_zero_grad_and_unnamed_params_with_bound_mask(seed):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_frozen_and_zero_size_params_are_skipped(seed):
+def test_frozen_and_zero_size_params_are_held_like_adamw(seed):
+    """A frozen param is held and untouched; a zero-size one gets (empty) state, as in AdamW."""
     torch.manual_seed(seed)
     model = TinyNet()
+    ref = copy.deepcopy(model)
     opt = po.SparseAdamW(model.named_parameters(), mask=None, lr=1e-2)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     x, y = batches(1, seed)[0]
-    model.loss(x, y).backward()
-    frozen = model.frozen.detach().clone()
-    opt.step()
+    for m, o in ((model, opt), (ref, opt_ref)):
+        m.loss(x, y).backward()
+        o.step()
+    frozen = ref.frozen.detach()
     assert torch.equal(model.frozen, frozen) and model.empty.numel() == 0
-    assert model.frozen not in opt.state and model.empty not in opt.state
+    assert model.frozen not in opt.state and ref.frozen not in opt_ref.state
+    assert opt.state[model.empty].keys() == opt_ref.state[ref.empty].keys()
+    assert opt.state[model.empty]["step"] == opt_ref.state[ref.empty]["step"] == 1
 
 
 def test_unsupported_flags_raise():
@@ -247,10 +267,15 @@ def test_named_mask_needs_names():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"lr": -1.0}, "learning rate"), ({"betas": (1.0, 0.9)}, "betas"), ({"eps": -1.0}, "eps"),
-     ({"weight_decay": -0.1}, "weight_decay"), ({"master_weights": "yes"}, "master_weights"),
-     ({"backend": "gpu"}, "backend")],
-)  # fmt: skip
+    [
+        ({"lr": -1.0}, "learning rate"),
+        ({"betas": (1.0, 0.9)}, "betas"),
+        ({"eps": -1.0}, "eps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"master_weights": "yes"}, "master_weights"),
+        ({"backend": "gpu"}, "backend"),
+    ],
+)
 def test_bad_hyperparameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         po.SparseAdamW([torch.nn.Parameter(torch.randn(3))], **kwargs)
@@ -284,7 +309,7 @@ def test_state_dict_from_other_mask_or_shape_is_refused_and_changes_nothing(seed
     o3.step()
     with pytest.raises(ValueError, match="different mask|dense"):
         o1.load_state_dict(o3.state_dict())
-    with pytest.raises(ValueError, match="sparse|shape"):
+    with pytest.raises(ValueError, match="different mask"):
         o3.load_state_dict(sd)
     # another model's shape
     other = TinyNet(hidden=31)
@@ -306,7 +331,9 @@ def test_mask_shape_mismatch_raises():
 def test_low_precision_master_weights(seed, dtype):
     """The fp32 master accumulates updates below the storage resolution."""
     torch.manual_seed(seed)
-    p = torch.nn.Parameter(torch.full((64,), 1.0, dtype=dtype) + torch.rand(64, dtype=dtype) / 8)
+    p = torch.nn.Parameter(
+        (torch.full((64,), 1.0, dtype=dtype) + torch.rand(64, dtype=dtype) / 8).to(DEVICE)
+    )
     start = p.detach().clone()
     idx = torch.arange(0, 64, 3)
     opt = po.SparseAdamW([("p", p)], mask={"p": idx}, lr=1e-4, weight_decay=0.0)
@@ -319,3 +346,50 @@ def test_low_precision_master_weights(seed, dtype):
     # the stored param is the master rounded to the param dtype
     assert torch.equal(p.detach()[idx], master.to(dtype))
     assert p.detach()[idx].float().sub(start.float()[idx]).abs().max() > 0
+
+
+def test_mask_that_trains_nothing_raises_naming_the_cause(seed):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    mask = {"fc1.weight": torch.tensor([0, 7]), "fc2.bias": torch.tensor([3])}
+    model.fc1.weight.requires_grad_(False)
+    model.fc2.bias.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"nothing to train.*frozen.*'fc1\.weight'.*requires_grad_"
+    ):
+        po.SparseAdamW(model.named_parameters(), mask=mask)
+    model.fc2.bias.requires_grad_(True)  # one trainable: fine, the frozen one trains if unfrozen
+    po.SparseAdamW(model.named_parameters(), mask=mask)
+    empty = po.SparseMask({}, {}, 10)
+    with pytest.raises(ValueError, match="no entry"):
+        po.SparseAdamW(model.named_parameters(), mask=empty)
+    # names changed by a wrapper: said so, with the fix
+    wrapped = torch.nn.ModuleDict({"module": model})
+    with pytest.raises(ValueError, match=r"does not hold.*wrapper.*mask\.for_model"):
+        po.SparseAdamW(wrapped.named_parameters(), mask=mask)
+    # a bound mask whose params were not passed because they are frozen (Trainer's way)
+    bound = po.SparseMask(mask, {n: model.get_parameter(n).shape for n in mask}, 999).bind(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"'fc1\.weight'.*frozen.*not hold|frozen"):
+        po.SparseAdamW(trainable, mask=bound)
+
+
+def test_mask_for_model_follows_wrapper_renaming(seed):
+    torch.manual_seed(seed)
+    model = TinyNet()
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    mask = po.SparseMask(
+        {"fc1.weight": torch.tensor([1, 4]), "fc2.bias": torch.tensor([2])}, shapes, 500
+    )
+    wrapped = torch.nn.ModuleDict({"module": torch.nn.ModuleDict({"_orig_mod": model})})
+    remapped = mask.for_model(wrapped)
+    assert remapped.names() == ["module._orig_mod.fc1.weight", "module._orig_mod.fc2.bias"]
+    assert remapped.numel_total() == 500 and torch.equal(
+        remapped[remapped.names()[0]], mask["fc1.weight"]
+    )
+    assert remapped.for_model(model) == mask  # and back
+    assert mask.rename({"fc2.bias": "b"}).names() == ["fc1.weight", "b"]
+    with pytest.raises(ValueError, match="same new name"):
+        mask.rename(lambda n: "x")
+    with pytest.raises(KeyError, match="no parameter of the model matches 'fc1.weight'"):
+        mask.for_model(torch.nn.Linear(2, 2))

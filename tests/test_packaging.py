@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import piece_optim as po
+
+pytestmark = pytest.mark.cpu_only("import and install checks, no device work")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,8 @@
-"""The Triton kernels against piece_optim._reference, on fresh random inputs.
+"""The Triton kernels (and, on a GPU, the CUDA kernels) against piece_optim._reference.
+
+The conformance tests take the ``be`` fixture: the Triton backend everywhere and, when
+PIECE_OPTIM_TEST_DEVICE=cuda, the CUDA extension's backend too (``KERNEL_BACKENDS``), so
+both GPU backends meet the same ulp bounds on the same fresh random inputs.
 
 Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1), so sizes stay small; one test runs a few hundred thousand elements.
@@ -19,10 +23,11 @@ differently and divide by a scalar through its reciprocal: tolerances double the
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
-from helpers import TinyNet, batches
+from helpers import DEVICE, TinyNet, batches
 
 import piece_optim as po
 from piece_optim import _reference as ref
@@ -34,8 +39,20 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered in divide:RuntimeWarning"),
 ]
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEV = DEVICE
 _GPU = DEV.type == "cuda"
+
+
+def _kernel_backends() -> list[str]:
+    """The kernel backends under test: on a GPU the one PIECE_OPTIM_BACKEND names (a GPU
+    test stage per backend), else both; on the CPU the Triton interpreter."""
+    if not _GPU:
+        return ["triton"]
+    env = os.environ.get("PIECE_OPTIM_BACKEND", "").strip().lower()
+    return [env] if env in ("triton", "cuda") else ["triton", "cuda"]
+
+
+KERNEL_BACKENDS = _kernel_backends()
 ACC_ULP = 2 if _GPU else 0  # accumulators, AdamW moments
 SCORE_S_ULP = 2  # PIECE-S: the reference's sqrt is <= 1 ulp off IEEE, plus the division
 # AdamW weights, per step: the update u carries <= ~3 ulp(u) from the reference's sqrt
@@ -61,16 +78,31 @@ class RefOnKernelScores(TorchBackend):
         return self.kernels.score(sum_g, sum_g2, method, eps)
 
 
-@pytest.fixture(scope="module")
-def be():
-    """The Triton backend itself: PIECE_OPTIM_BACKEND (which get_backend obeys) must not
-    swap it for another one in the other CI configurations."""
-    from piece_optim._triton_backend import TritonBackend
+def _make_backend(name: str):
+    if name == "cuda":
+        from piece_optim._ext_backend import CudaBackend
 
-    backend = TritonBackend()
+        backend = CudaBackend()
+    else:
+        from piece_optim._triton_backend import TritonBackend
+
+        backend = TritonBackend()
     ok, why = backend.supports(DEV)
     assert ok, why
     return backend
+
+
+@pytest.fixture(scope="module", params=KERNEL_BACKENDS)
+def be(request):
+    """The kernel backend itself: PIECE_OPTIM_BACKEND (which get_backend obeys) must not
+    swap it for another one in the other CI configurations."""
+    return _make_backend(request.param)
+
+
+@pytest.fixture(scope="module")
+def tbe():
+    """The Triton backend, for tests of Triton-only entry points (e.g. the fused histogram)."""
+    return _make_backend("triton")
 
 
 @pytest.fixture
@@ -182,7 +214,7 @@ def test_accumulate_special_values(be, seed):
 
 
 @pytest.mark.parametrize("method", ["piece-f", "piece-s"])
-def test_accumulate_fused_histogram(be, seed, method):
+def test_accumulate_fused_histogram(tbe, seed, method):
     from piece_optim.kernels.accumulate import accumulate_triton
 
     gen = _gen(seed)
@@ -197,16 +229,16 @@ def test_accumulate_fused_histogram(be, seed, method):
         hist_ref = hist.clone()
         accumulate_triton(g, s1, s2, hist=hist, method=method, eps=0.5)
         ref.accumulate_(g, r1, r2)
-        ref.histogram_(be.score(r1, r2, method, 0.5), hist_ref, 16, 0)
+        ref.histogram_(tbe.score(r1, r2, method, 0.5), hist_ref, 16, 0)
         assert_ulp(s2, r2, ACC_ULP, "sum_g2")
         assert torch.equal(hist, hist_ref)
         # second level, fused too
-        top = int(ref._bits(be.score(r1, r2, method, 0.5))[n // 2]) >> 16
+        top = int(ref._bits(tbe.score(r1, r2, method, 0.5))[n // 2]) >> 16
         hist2, hist2_ref = torch.zeros_like(hist), torch.zeros_like(hist)
         g = rnd(n, gen, F32)
         accumulate_triton(g, s1, s2, hist=hist2, method=method, eps=0.5, shift=0, prefix=top)
         ref.accumulate_(g, r1, r2)
-        ref.histogram_(be.score(r1, r2, method, 0.5), hist2_ref, 0, top)
+        ref.histogram_(tbe.score(r1, r2, method, 0.5), hist2_ref, 0, top)
         assert torch.equal(hist2, hist2_ref)
 
 
@@ -562,19 +594,20 @@ def _brute_force_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, list
     return out
 
 
+@pytest.mark.parametrize("kernels", KERNEL_BACKENDS)
 @pytest.mark.parametrize("method", ["piece-f", "piece-s"])
 @pytest.mark.parametrize("accum_dtype", [F32, BF16], ids=str)
-def test_estimator_triton_equals_torch(seed, no_env_backend, method, accum_dtype):
+def test_estimator_triton_equals_torch(seed, no_env_backend, kernels, method, accum_dtype):
     torch.manual_seed(seed)
     model = TinyNet().to(DEV)
     results = {}
-    for backend in ("triton", "torch"):
+    for key, backend in (("triton", kernels), ("torch", "torch")):  # "triton": the kernels
         est = po.ImportanceEstimator(model, method=method, accum_dtype=accum_dtype,
                                      backend=backend)  # fmt: skip
         for x, y in batches(3, seed):
             model.loss(x.to(DEV), y.to(DEV)).backward()
             est.collect()
-        results[backend] = (est.scores(), est.select(ratio=0.05), est.select(k=1))
+        results[key] = (est.scores(), est.select(ratio=0.05), est.select(k=1))
         est.close()
     (sc_t, m_t, k1_t), (sc_r, m_r, k1_r) = results["triton"], results["torch"]
     assert sc_t.keys() == sc_r.keys()
@@ -590,8 +623,9 @@ def test_estimator_triton_equals_torch(seed, no_env_backend, method, accum_dtype
         assert m_t == m_r and k1_t == k1_r
 
 
+@pytest.mark.parametrize("kernels", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-def test_sparse_adamw_triton_equals_torch(seed, no_env_backend, dtype, tmp_path):
+def test_sparse_adamw_triton_equals_torch(seed, no_env_backend, kernels, dtype, tmp_path):
     """8 steps with a state_dict save/reload after step 4; params and every state tensor
     compared.  Both models get the same gradients (the torch model's), so the weights'
     few-ulp differences (see the module doc) do not feed back through the loss."""
@@ -605,7 +639,8 @@ def test_sparse_adamw_triton_equals_torch(seed, no_env_backend, dtype, tmp_path)
 
     def make(b: str) -> po.SparseAdamW:
         return po.SparseAdamW(models[b].named_parameters(), mask=mask, lr=1e-2,
-                              betas=(0.9, 0.95), weight_decay=0.1, backend=b)  # fmt: skip
+                              betas=(0.9, 0.95), weight_decay=0.1,
+                              backend=kernels if b == "triton" else b)  # fmt: skip
 
     opts = {b: make(b) for b in models}
     pt, pr = dict(models["triton"].named_parameters()), dict(models["torch"].named_parameters())

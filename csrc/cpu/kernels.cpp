@@ -147,10 +147,12 @@ int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // Chunks of at least min_chunk elements, up to 32 per thread so a late thread's share is
 // picked up by the others.
-int64_t num_chunks(int64_t n, int64_t min_chunk) {
-  const int64_t t = num_threads();
-  if (t == 1) return 1;
+int64_t num_chunks_for(int64_t n, int64_t min_chunk, int64_t t) {
+  if (t <= 1) return 1;
   return std::max<int64_t>(1, std::min<int64_t>(32 * t, n / min_chunk));
+}
+int64_t num_chunks(int64_t n, int64_t min_chunk) {
+  return num_chunks_for(n, min_chunk, num_threads());
 }
 
 // fn(chunk, lo, hi) for nch equal chunks of [0, n) in ONE pool job; finish() once per
@@ -284,6 +286,37 @@ void adamw_many(const std::vector<AdamItem>& items) {
   }
 }
 
+namespace {
+// One sequential read of the indices, no branch in the loop so it vectorises: measured
+// (2-core AMD EPYC, plain x86-64 build) 1.8 us per 20K int32 indices, next to the step's
+// ~210 us for them; comparing int32 indices as uint32 was 6x faster than as uint64 there.
+template <class I, class U>
+int64_t first_out_of_range_t(const I* idx, int64_t k, U n) {
+  constexpr int64_t B = 4096;
+  for (int64_t lo = 0; lo < k; lo += B) {
+    const int64_t hi = std::min(k, lo + B);
+    unsigned bad = 0;
+    // a negative index is a huge unsigned one: one compare covers both ends
+    for (int64_t j = lo; j < hi; ++j) bad |= U(idx[j]) >= n;
+    if (bad) {
+      for (int64_t j = lo; j < hi; ++j) {
+        if (U(idx[j]) >= n) return j;
+      }
+    }
+  }
+  return -1;
+}
+}  // namespace
+
+int64_t first_out_of_range(const void* idx, bool idx64, int64_t k, int64_t numel) {
+  if (idx64) {
+    return first_out_of_range_t(static_cast<const int64_t*>(idx), k, uint64_t(numel));
+  }
+  // int32 indices: with numel >= 2**31 only the negative ones (>= 2**31 as uint32) are out
+  const uint32_t n = uint32_t(std::min<int64_t>(numel, int64_t(1) << 31));
+  return first_out_of_range_t(static_cast<const int32_t*>(idx), k, n);
+}
+
 void score(const ScoreSrc& src, float* out) {
   ScoreFn fn = nullptr;
 #if PIECE_HAVE_AVX2
@@ -292,6 +325,19 @@ void score(const ScoreSrc& src, float* out) {
   if (fn == nullptr) fn = generic::score_fn(src);
   run_chunks(src.n, num_chunks(src.n, kMinChunk),
              [&](int64_t, int64_t lo, int64_t hi) { fn(src, out, lo, hi); });
+}
+
+// Per-thread histograms count in uint32 and are merged into the int64 result before a
+// thread's count since the last merge could reach 2**31 (TlsHist::count); that check runs
+// between chunks, so no chunk may hold 2**31 elements or more: with one thread (or a few
+// very large tensors) the pass is split into chunks of at most kMaxHistChunk.  Without it,
+// one thread counting 2**32 equal scores (e.g. billions of exactly-zero ones) in one chunk
+// wrapped its bin to 0.
+constexpr int64_t kMaxHistChunk = int64_t(1) << 30;
+
+int64_t hist_num_chunks(int64_t total, int64_t threads) {
+  const int64_t need = (total + kMaxHistChunk - 1) / kMaxHistChunk;
+  return std::max(num_chunks_for(total, kMinChunk, threads), need);
 }
 
 void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int shift,
@@ -335,7 +381,7 @@ void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int
     }
     return;
   }
-  const int64_t nch = num_chunks(total, kMinChunk);
+  const int64_t nch = hist_num_chunks(total, num_threads());
   std::vector<std::vector<int64_t>> parts(want ? nch : 0);  // global indices, sorted
   std::vector<int64_t> seen(nch, 0);
   std::mutex mu;

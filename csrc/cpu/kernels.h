@@ -41,6 +41,10 @@ void score(const ScoreSrc& src, float* out);
 // item, non-empty) it also collects into (*cands)[i], sorted, the indices of item i with
 // bits >> (shift + 16) >= prefix (the candidates of the compaction that follows a
 // 2nd-level pass); (*ok)[i] is 0 (and (*cands)[i] empty) when there were more than caps[i].
+// How many chunks score_histogram_many splits a pass over `total` scores into with
+// `threads` threads: never fewer than needed to keep every chunk below 2**31 elements (the
+// per-thread uint32 counters are merged between chunks).
+int64_t hist_num_chunks(int64_t total, int64_t threads);
 void score_histogram_many(const std::vector<ScoreSrc>& items, int64_t* hist, int shift,
                           int64_t prefix, const std::vector<int64_t>& caps,
                           std::vector<std::vector<int64_t>>* cands, std::vector<char>* ok);
@@ -82,6 +86,10 @@ struct AdamItem {
   double bc2_sqrt;   // sqrt(1 - beta2**step)
 };
 void adamw_many(const std::vector<AdamItem>& items);
+
+// Position of the first index outside [0, numel) in idx[0, k), or -1 when all are in range.
+// The step's glue calls it on every tensor before any kernel writes (see csrc/ops.cpp).
+int64_t first_out_of_range(const void* idx, bool idx64, int64_t k, int64_t numel);
 
 // Which instruction set the kernels run with ("avx2+fma" or "generic").
 const char* isa();

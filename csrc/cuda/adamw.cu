@@ -18,6 +18,10 @@ __global__ void adamw_kernel(AdamArgs a) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < a.n; j += stride) {
     const int64_t p = idx != nullptr ? int64_t(idx[j]) : j;
+    if (uint64_t(p) >= uint64_t(a.numel)) {  // a negative index wraps to a huge one
+      if (a.err != nullptr) atomicExch(a.err, 1);
+      continue;
+    }
     const float g = G::ld(grad[a.grad_is_sparse ? j : p]);
     float w = a.master != nullptr ? a.master[j] : P::ld(param[p]);
     w = __fmul_rn(w, decay);

@@ -45,9 +45,14 @@ __device__ __forceinline__ uint32_t score_bits(const ScoreArgs& s, int64_t i) {
     v = A::ld(s2[i]);
   } else {
     const typename A::T* s1 = static_cast<const typename A::T*>(s.sum_g);
+    // _reference.score's rule: NaN in -> NaN out; den == +inf (g*g overflowed) -> +inf;
+    // den == 0 -> 0.  `num * 0` is 0 for a finite numerator and NaN for a NaN one.
+    const float num = fabsf(A::ld(s1[i]));
     const float den = __fsqrt_rn(__fadd_rn(A::ld(s2[i]), s.eps));
-    const float q = __fdiv_rn(fabsf(A::ld(s1[i])), den);
-    v = den > 0.0f ? q : 0.0f;  // torch.where(den > 0, s, 0)
+    const float zero = __fmul_rn(num, 0.0f);
+    v = den == 0.0f ? zero : __fdiv_rn(num, den);
+    const float inf = __int_as_float(0x7f800000);
+    v = den == inf ? __fadd_rn(zero, inf) : v;
   }
   return __float_as_uint(v);
 }

@@ -56,6 +56,11 @@ struct AdamArgs {
   float* master;  // may be null
   int64_t n;
   double decay, w1, beta2, c2, eps, step_size, bc2_sqrt;  // as in csrc/cpu/kernels.h
+  // Bounds: an index outside [0, numel) is skipped (nothing read or written for that
+  // entry) and sets *err to 1 (err may be null).  The host checks the indices before the
+  // launch; this guards an index changed behind that check.
+  int64_t numel;  // entries of the parameter
+  int* err;
 };
 cudaError_t adamw(const AdamArgs& a, cudaStream_t stream);
 

@@ -11,13 +11,24 @@ Scenarios
 * ``ties``: the sharded global top-k on heavily tied scores equals one process's.
 * ``ddp``: DDP-wrapped model: estimate, select, 6 steps == one process on the same
   global batches; masks identical on every rank; broadcast_mask round-trips.
+* ``ddp_hook`` (ddp_hook.py): with ``sparse_allreduce_hook``, 6 steps == one process
+  and the bytes sent are k x 4 per step; gradients equal plain DDP's at the selected
+  entries bit for bit (fp32 and bf16, no_sync accumulation, several buckets) and are
+  zero elsewhere; ``mask=None`` is plain DDP; a param of another optimizer is reduced in
+  full; ranks with different masks raise.
 * ``fsdp``: fully_shard model: estimate (local grad shards), select (all-reduced
-  histograms), 6 steps == one process; the union of local masks is the single-process
-  mask (exactly k).  After step 3 a DCP checkpoint is saved; a fresh model + optimizer
-  loaded from it (unnamed params, ``mask.bind``) continue steps 4-6 bit for bit.
-* ``fsdp_dense``: ``mask=None`` under FSDP2 equals ``torch.optim.AdamW`` on FSDP2.
+  histograms) gives the single-process mask bit for bit on every rank; 6 steps == one
+  process.  After step 3 rank 0 saves the mask and all save a DCP checkpoint; a fresh
+  model + optimizer loaded from it (unnamed params, ``mask.bind``) continue steps 4-6 bit
+  for bit; the same checkpoint resumes on one rank (1-rank FSDP2 and a plain model,
+  reshard.py), and a 1-rank checkpoint resumes on two.
+* ``fsdp_dense``: ``mask=None`` under FSDP2 equals ``torch.optim.AdamW`` on FSDP2, and its
+  DTensor state resumes in one plain process.
 * ``fsdp_llama`` (when transformers is installed): a tiny LlamaForCausalLM with one
   fully_shard per decoder layer: estimate, select, 6 steps == one process.
+* ``trainer`` (hf_trainer.py, when transformers is installed): the Hugging Face Trainer
+  under DDP with SparseAdamW == a one-process loop on the same global batches, plain and
+  with the comm hook.
 """
 
 from __future__ import annotations
@@ -28,137 +39,37 @@ import os
 import sys
 import time
 
+import ddp_hook
+import reshard
 import torch
 import torch.distributed as dist
+from common import (
+    HP,
+    LLAMA_TOL,
+    N_CALIB,
+    N_STEPS,
+    RATIO,
+    SAVE_AT,
+    TOL,
+    LossNet,
+    check,
+    estimate,
+    full_weights,
+    global_state,
+    local_rows,
+    log,
+    make_model,
+    rel_diffs,
+    train,
+)
+from helpers import batches
+from reshard import shard
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from helpers import TinyNet, batches  # noqa: E402
-
-import piece_optim as po  # noqa: E402
-from piece_optim import distributed as pd  # noqa: E402
-from piece_optim._backends import get_backend  # noqa: E402
-from piece_optim._select import ScoreSource, global_topk  # noqa: E402
-
-RATIO = 0.05
-N_CALIB, N_STEPS, SAVE_AT = 3, 6, 3
-HP = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.01)
-
-
-def log(msg: str) -> None:
-    if dist.get_rank() == 0:
-        print(msg, flush=True)
-
-
-class Net(TinyNet):
-    """TinyNet without its zero-size param: FSDP2's reduce-scatter rejects empty grads
-    (``_chunk_cat expects non-empty tensor``, torch 2.13)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        del self.empty
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.fc1(self.embed(x))) + 0 * self.frozen.sum()
-        return self.fc2(h)
-
-
-class LossNet(nn.Module):
-    """HF-style: ``model(**batch)`` returns a dict with the loss."""
-
-    def __init__(self, net: Net) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": loss_fn(self.net, x, y)}
-
-
-def make_model(seed: int) -> Net:
-    torch.manual_seed(seed)
-    return Net()
-
-
-def local_rows(t: torch.Tensor) -> torch.Tensor:
-    """This rank's half of a global batch (the data-parallel split)."""
-    return t.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)  # through the wrapper's forward: DDP's reducer hooks in there
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def estimate(model: nn.Module, calib, split: bool) -> po.SparseMask:
-    est = po.ImportanceEstimator(model, method="piece-s")
-    for x, y in calib:
-        if split:
-            x, y = local_rows(x), local_rows(y)
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        est.collect()
-    mask = est.select(ratio=RATIO)
-    est.close()
-    return mask
-
-
-def train(model: nn.Module, opt: po.SparseAdamW, data, split: bool) -> None:
-    for x, y in data:
-        if split:
-            x, y = local_rows(x), local_rows(y)
-        loss = loss_fn(model, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for n, p in model.named_parameters():
-        n = n.removeprefix("module.")
-        out[n] = (p.full_tensor() if pd.is_dtensor(p) else p).detach().clone()
-    return out
-
-
-def rel_diffs(got: dict, ref: dict, start: dict) -> tuple[float, float]:
-    """(max over params of max|got-ref| / max|ref|, same for the updates got-start)."""
-    w = u = 0.0
-    for n in ref:
-        d = (got[n].double() - ref[n].double()).abs().max().item() if ref[n].numel() else 0.0
-        if ref[n].numel():
-            w = max(w, d / max(ref[n].double().abs().max().item(), 1e-30))
-            du = (ref[n] - start[n]).double().abs().max().item()
-            if du > 0:
-                u = max(u, d / du)
-    return w, u
-
-
-def global_mask_of(local: po.SparseMask, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gather FSDP2 local-shard masks into global flat indices, per parameter name."""
-    world = dist.get_world_size()
-    out = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad or p.numel() == 0:
-            continue
-        lp = p.to_local()
-        row = p[0].numel() if p.dim() else 1
-        # rank r's shard starts at row sum_{s<r} rows_s (Shard(0) = torch.chunk order)
-        rows = torch.tensor([lp.shape[0] if lp.dim() else lp.numel()], dtype=torch.int64)
-        all_rows = [torch.empty_like(rows) for _ in range(world)]
-        dist.all_gather(all_rows, rows)
-        offset = int(sum(int(r) for r in all_rows[: dist.get_rank()])) * row
-        idx = local[n].long() + offset if n in local else torch.empty(0, dtype=torch.int64)
-        parts = [None] * world
-        dist.all_gather_object(parts, idx)
-        cat = torch.cat(parts)
-        if cat.numel():
-            out[n] = cat
-    return out
-
-
-def check(cond: bool, what: str) -> None:
-    if not cond:
-        raise AssertionError(f"rank {dist.get_rank()}: {what}")
+import piece_optim as po
+from piece_optim import distributed as pd
+from piece_optim._backends import get_backend
+from piece_optim._select import ScoreSource, global_topk
 
 
 def check_in_backward_refused(model: nn.Module, what: str) -> None:
@@ -244,52 +155,40 @@ def scenario_ddp(seed: int, calib, data, ref) -> dict:
     check(set(opt.mask_indices()) == set(mask.names()), "ddp: optimizer mask names")
     train(model, opt, data, split=True)
     w, u = rel_diffs(full_weights(model), ref_w, start)
-    check(w < 1e-4, f"ddp: weights differ from one process by {w:.3g} (relative)")
+    check(w <= TOL, f"ddp: weights differ from one process by {w:.3g} (relative)")
     return {"ddp_max_rel_diff": w, "ddp_max_update_rel_diff": u,
             "k": ref_mask.numel_selected()}  # fmt: skip
 
 
-def shard(model: Net) -> Net:
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model.fc1)
-    fully_shard(model.fc2)
-    fully_shard(model)
-    return model
-
-
-def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
+def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> tuple[dict, dict]:
     import torch.distributed.checkpoint as dcp
 
     ref_mask, start, ref_mid, ref_w = ref
     model = shard(make_model(seed))
     check_in_backward_refused(model, "fsdp")
     mask = estimate(model, calib, split=True)
-    k = ref_mask.numel_selected()
-    n_glob = pd.numel_selected_global(mask)
-    check(n_glob == k, f"fsdp: {n_glob} selected over all ranks, one process selects k={k}")
-    gm = global_mask_of(mask, model)
-    check(list(gm) == ref_mask.names(), f"fsdp: mask names {list(gm)} != {ref_mask.names()}")
-    check(all(torch.equal(gm[n], ref_mask[n].long()) for n in gm), "fsdp: mask differs")
-    for n in mask.names():  # local-shard coordinates
-        check(mask.shape(n) == tuple(dict(model.named_parameters())[n].to_local().shape),
-              f"fsdp: mask shape of {n} is not the local shard's")  # fmt: skip
+    # global coordinates: the very mask one process selects, on every rank
+    check(mask == ref_mask, "fsdp: the mask differs from one process's")
+    check(pd.mask_checksum(mask) == pd.mask_checksum(ref_mask), "fsdp: mask checksum")
     opt = po.SparseAdamW(model.named_parameters(), mask=mask, **HP)
+    local_k = opt.trainable_numel()
     train(model, opt, data[:SAVE_AT], split=True)
     w_mid, _ = rel_diffs(full_weights(model), ref_mid, start)
-    check(w_mid < 1e-4, f"fsdp: after {SAVE_AT} steps weights differ by {w_mid:.3g}")
+    check(w_mid <= TOL, f"fsdp: after {SAVE_AT} steps weights differ by {w_mid:.3g}")
 
-    mask.save(os.path.join(ckpt, f"mask_rank{dist.get_rank()}.safetensors"))
+    if dist.get_rank() == 0:  # the global mask: one file, written once
+        mask.save(os.path.join(ckpt, "mask.safetensors"))
     dcp.save({"model": model.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt, model)},
              checkpoint_id=ckpt)  # fmt: skip
+    saved_state = global_state(opt, model, dist.group.WORLD)
     train(model, opt, data[SAVE_AT:], split=True)
     final = full_weights(model)
     w, u = rel_diffs(final, ref_w, start)
-    check(w < 1e-4, f"fsdp: weights differ from one process by {w:.3g} (relative)")
+    check(w <= TOL, f"fsdp: weights differ from one process by {w:.3g} (relative)")
 
     # resume: a fresh, differently initialised model + optimizer from the checkpoint
     model2 = shard(make_model(seed + 1))
-    mask2 = po.SparseMask.load(os.path.join(ckpt, f"mask_rank{dist.get_rank()}.safetensors"))
+    mask2 = po.SparseMask.load(os.path.join(ckpt, "mask.safetensors"))
     check(mask2 == mask, "fsdp: mask file round trip")
     # unnamed params (mask.bind), and a wrong lr that the checkpoint must overwrite
     opt2 = po.SparseAdamW(model2.parameters(), mask=mask2.bind(model2), **{**HP, "lr": 0.5})
@@ -305,13 +204,17 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> dict:
     for p1, p2 in zip(opt.selected_params(), opt2.selected_params(), strict=True):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             check(torch.equal(opt.state[p1][key], opt2.state[p2][key]), f"resumed state {key}")
-    return {
+    local_ks: list = [None, None]
+    dist.all_gather_object(local_ks, local_k)
+    res = {
         "fsdp_max_rel_diff": w,
         "fsdp_max_update_rel_diff": u,
         "fsdp_mid_rel_diff": w_mid,
-        "fsdp_local_k": mask.numel_selected(),
+        "fsdp_local_k": local_ks,
+        "fsdp_mask_equals_one_process": True,
         "dcp_resume_exact": True,
     }
+    return res, saved_state
 
 
 def scenario_fsdp_dense(seed: int, data) -> dict:
@@ -368,12 +271,9 @@ def scenario_fsdp_llama(seed: int) -> dict:
         fully_shard(layer)
     fully_shard(model)
     mask = run(model, split=True)
-    check(pd.numel_selected_global(mask) == ref_mask.numel_selected(), "llama: k differs")
-    gm = global_mask_of(mask, model)
-    check(list(gm) == ref_mask.names(), "llama: FSDP2 mask names differ from one process")
-    check(all(torch.equal(gm[n], ref_mask[n].long()) for n in gm), "llama: FSDP2 mask differs")
+    check(mask == ref_mask, "llama: the FSDP2 mask differs from one process's")
     w, u = rel_diffs(full_weights(model), full_weights(ref_model), start)
-    check(w < 1e-4, f"llama: FSDP2 weights differ from one process by {w:.3g}")
+    check(w < LLAMA_TOL, f"llama: FSDP2 weights differ from one process by {w:.3g}")
     return {"llama_fsdp_max_rel_diff": w, "llama_fsdp_max_update_rel_diff": u,
             "llama_k": ref_mask.numel_selected()}  # fmt: skip
 
@@ -381,27 +281,79 @@ def scenario_fsdp_llama(seed: int) -> dict:
 def main() -> None:
     out, seed = sys.argv[1], int(sys.argv[2])
     dist.init_process_group("gloo")
+    g1 = dist.new_group([0])  # "one process": rank 0 alone
     t0 = time.perf_counter()
+    secs = {}
+
+    def timed(name: str, fn, *args) -> dict:
+        t = time.perf_counter()
+        r = fn(*args)
+        secs[name] = round(time.perf_counter() - t, 2)
+        log(f"{name} ok")
+        return r
+
     calib = batches(N_CALIB, seed + 11)
     data = batches(N_STEPS, seed + 12)
-    res: dict = {"seed": seed, "world": dist.get_world_size(),
+    res: dict = {"seed": seed, "world": dist.get_world_size(), "ratio": RATIO,
                  "backend_env": os.environ.get("PIECE_OPTIM_BACKEND", "")}  # fmt: skip
-    res.update(scenario_ties(seed))
-    log("ties ok")
+    res.update(timed("ties", scenario_ties, seed))
     ref = reference(seed, calib, data)
-    res.update(scenario_ddp(seed, calib, data, ref))
-    log("ddp ok")
+    res.update(timed("ddp", scenario_ddp, seed, calib, data, ref))
+    res.update(timed("ddp_hook", ddp_hook.scenario_hook_matches_one_process, seed, data, ref))
+    res.update(timed("ddp_hook_grads", ddp_hook.scenario_hook_grads, seed, data, ref[0]))
+    res.update(
+        timed("ddp_hook_two_optimizers", ddp_hook.scenario_hook_other_optimizer, seed, data, ref[0])
+    )
+    res.update(
+        timed("ddp_hook_masks_differ", ddp_hook.scenario_hook_refuses_different_masks, seed, ref[0])
+    )
     ckpt = os.path.join(out, "ckpt")
-    res.update(scenario_fsdp(seed, calib, data, ref, ckpt))
-    log("fsdp ok")
-    res.update(scenario_fsdp_dense(seed, data))
+    fsdp_res, saved_state = timed("fsdp", scenario_fsdp, seed, calib, data, ref, ckpt)
+    res.update(fsdp_res)
+    res.update(
+        timed("resume_2to1", reshard.scenario_two_to_one, seed, data, ref, ckpt, saved_state, g1)
+    )
+    res.update(
+        timed(
+            "resume_1to2",
+            reshard.scenario_one_to_two,
+            seed,
+            data,
+            ref,
+            os.path.join(out, "ckpt_1rank"),
+            g1,
+        )
+    )
+    res.update(
+        timed(
+            "rank_without_entries",
+            reshard.scenario_rank_without_entries,
+            seed,
+            data,
+            os.path.join(out, "ckpt_one_rank_entries"),
+            g1,
+        )
+    )
+    res.update(timed("fsdp_dense", scenario_fsdp_dense, seed, data))
+    res.update(
+        timed(
+            "resume_dense_2to1",
+            reshard.scenario_dense_two_to_one,
+            seed,
+            data,
+            os.path.join(out, "ckpt_dense"),
+            g1,
+        )
+    )
     if importlib.util.find_spec("transformers") is not None:
-        res.update(scenario_fsdp_llama(seed))
-        log("llama ok")
-    local_k = [None, None]
-    dist.all_gather_object(local_k, res["fsdp_local_k"])
-    res["fsdp_local_k"] = local_k
+        res.update(timed("fsdp_llama", scenario_fsdp_llama, seed))
+        import hf_trainer
+
+        res.update(
+            timed("trainer", hf_trainer.scenario_trainer, seed, os.path.join(out, "trainer"))
+        )
     res["seconds"] = time.perf_counter() - t0
+    res["scenario_seconds"] = secs
     if dist.get_rank() == 0:
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(res, f, indent=1)
