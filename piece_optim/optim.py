@@ -14,13 +14,14 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _hook_owners
-from ._backends import validate_backend_name
 from ._bounds import check_step_indices
-from ._reference import compute_dtype
+from ._dtensor import local_tensor, refuse_sparse_grads, shard_indices
+from ._indices import union_indices, validate_indices
 from ._sparse_grad import SparseGrad
-from .distributed import local_tensor, refuse_sparse_grads, shard_indices
+from .backends import validate_backend_name
+from .backends.reference import compute_dtype
 from .functional import refuse_foreign_adam_flags, sparse_adamw
-from .mask import SparseMask, canonical_name, union_indices, validate_indices
+from .mask import SparseMask, canonical_name
 
 __all__ = ["SparseAdamW", "SparseGrad"]
 
@@ -368,8 +369,21 @@ class SparseAdamW(Optimizer):
     def _use_master(self, p: Tensor) -> bool:
         return p.dtype in _LOW_PRECISION and self.master_weights in ("auto", True)
 
-    def _init_state(self, p: Tensor) -> dict[str, Any]:
+    def ensure_state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s optimizer state, made now (zero moments, step 0) if it has none yet.
+
+        torch optimizers make state lazily at the first step; code that needs the state
+        before (a checkpoint loader filling it in place, e.g. torch.distributed.checkpoint)
+        calls this.  ``p`` must be one this optimizer trains (see :meth:`selected_params`).
+        """
+        if p not in self._selection:
+            raise KeyError(
+                f"ensure_state: {self._what(p)} is not trained by this optimizer (frozen by "
+                "the mask, or not one of its params)"
+            )
         state = self.state[p]
+        if state:
+            return state
         idx = self._idx_on(p)
         lp = local_tensor(p)
         state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
@@ -449,7 +463,7 @@ class SparseAdamW(Optimizer):
                     raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
                 state = self.state[p]
                 if not state:
-                    state = self._init_state(p)
+                    state = self.ensure_state(p)
                 idx = self._idx_on(p)
                 lp = local_tensor(p)
                 if isinstance(grad, SparseGrad):
