@@ -1,9 +1,9 @@
 """Compaction: the sorted indices of the selected scores of one tensor.
 
 Selected: bits > ``thr``, plus the first ``take_eq`` elements (lowest flat index first)
-with bits == ``thr`` (the tie rule: the lower global position wins).  Two passes over the scores (read, or
-computed on the fly from the sums), no sort and no atomics, so the output is sorted and
-deterministic:
+with bits == ``thr`` (the tie rule: the lower global position wins).  Two passes over the
+scores (read, or computed on the fly from the sums), no sort and no atomics, so the output
+is sorted and deterministic:
 
 1. ``_compact_count_kernel``: per 1024-element block, how many scores are > thr and == thr;
 2. on the host side of the stream, a cumsum over the few block counts gives each block

@@ -139,36 +139,39 @@ def sparse_adamw(
             )
         return
     hp = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
-    by_step: dict[int, AdamWScalars] = {}
     scalars = []
+    last: tuple[int, AdamWScalars] | None = None  # the steps of one call are usually equal
     for s in steps:
         t = int(s.item()) if isinstance(s, Tensor) else int(s)
-        sc = by_step.get(t)
-        if sc is None:
-            sc = by_step[t] = adamw_scalars(*hp, t)
-        scalars.append(sc)
+        if last is None or last[0] != t:
+            last = (t, adamw_scalars(*hp, t))
+        scalars.append(last[1])
     by_input: dict[tuple, Backend] = {}
-
-    def backend_of(i: int) -> Backend:
-        p = params[i]
+    groups: dict[int, tuple[Backend, list[int]]] = {}
+    for i, p in enumerate(params):
         key = (p.device, p.dtype, grads[i].dtype)
         be = by_input.get(key)
         if be is None:
             be = by_input[key] = resolve(backend, "adamw", p.device, key[1:])
-        return be
-
-    groups = group_by_backend(range(len(params)), backend_of)
-    unchecked = [i for be, ids in groups if not be.checks_indices for i in ids]
-    if unchecked:
-        check_step_indices([params[i] for i in unchecked], [idxs[i] for i in unchecked])
-    if len(groups) > 1:  # backends that check their own indices first: they raise unwritten
-        groups.sort(key=lambda group: not group[0].checks_indices)
-    for be, ids in groups:
-        if len(groups) == 1:
-            be.adamw_step_many_(
-                params, grads, idxs, exp_avgs, exp_avg_sqs, masters, scalars, grad_is_sparse
-            )
-            return
+        entry = groups.get(id(be))
+        if entry is None:
+            groups[id(be)] = (be, [i])
+        else:
+            entry[1].append(i)
+    if len(groups) == 1:  # the usual case: no copies of the lists
+        ((be, _),) = groups.values()
+        if not be.checks_indices:
+            check_step_indices(params, idxs)
+        be.adamw_step_many_(
+            params, grads, idxs, exp_avgs, exp_avg_sqs, masters, scalars, grad_is_sparse
+        )
+        return
+    ordered = list(groups.values())
+    unchecked = [i for be, ids in ordered if not be.checks_indices for i in ids]
+    check_step_indices([params[i] for i in unchecked], [idxs[i] for i in unchecked])
+    # backends that check their own indices first: they raise before anything is written
+    ordered.sort(key=lambda group: not group[0].checks_indices)
+    for be, ids in ordered:
         be.adamw_step_many_(
             *(
                 [seq[i] for i in ids]

@@ -177,6 +177,7 @@ class SparseAdamW(Optimizer):
         self._backend_arg = backend
         self._hooks: dict[Tensor, Any] = {}
         self._closed = False
+        self._sharded = False
 
         # Resolve the mask before torch's __init__ calls add_param_group.
         self._mask_kind: str
@@ -247,6 +248,8 @@ class SparseAdamW(Optimizer):
 
     def _register_param(self, p: Tensor, name: str | None) -> None:
         lp = local_tensor(p)  # FSDP2: the mask is global; the step runs on the local shard
+        if lp is not p:
+            self._sharded = True  # step() unwraps local shards only when there are any
         if name is not None:
             self._names.setdefault(p, name)  # the first name of a Parameter listed twice
         if self._mask_kind in ("dense", "pending"):
@@ -452,21 +455,24 @@ class SparseAdamW(Optimizer):
                 loss = closure()
         if self.sparse_grads and not torch.compiler.is_compiling():
             self._install_hooks(self._ordered_params())  # params unfrozen since
+        selection = self._selection
         for group in self.param_groups:
             # [dense-grad tensors, sparse-grad tensors]: params, grads, idxs, m, v, masters, steps
             lists: tuple[tuple[list, ...], ...] = tuple(tuple([] for _ in range(7)) for _ in "ds")
             for p in group["params"]:
                 grad = p.grad
-                if grad is None or p not in self._selection:
+                if grad is None or p not in selection:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError("SparseAdamW does not take torch.sparse gradients")
                 state = self.state[p]
                 if not state:
                     state = self.ensure_state(p)
-                idx = self._idx_on(p)
-                lp = local_tensor(p)
-                if isinstance(grad, SparseGrad):
+                lp = local_tensor(p) if self._sharded else p
+                idx = selection[p]
+                if idx is not None and idx.device != lp.device:
+                    idx = self._idx_on(p)  # the param moved: its indices follow
+                if type(grad) is SparseGrad:
                     if grad._idx is not idx and not torch.equal(grad._idx, idx):
                         raise RuntimeError(
                             f"{self._what(p)}: its SparseGrad holds other indices than the "
@@ -475,22 +481,23 @@ class SparseAdamW(Optimizer):
                         )
                     g, out = grad._values, lists[1]
                 else:
-                    g, out = local_tensor(grad), lists[0]
+                    g, out = (local_tensor(grad) if self._sharded else grad), lists[0]
                 master = state.get("master")
                 if master is not None:
                     check_step_indices([lp], [idx])  # the re-sync reads at idx first
                     _resync_master(lp, idx, master)
-                for lst, val in zip(
-                    out,
-                    (lp, g, idx, state["exp_avg"], state["exp_avg_sq"], master, state["step"]),
-                    strict=True,
-                ):
-                    lst.append(val)
+                out[0].append(lp)
+                out[1].append(g)
+                out[2].append(idx)
+                out[3].append(state["exp_avg"])
+                out[4].append(state["exp_avg_sq"])
+                out[5].append(master)
+                out[6].append(state["step"])
             step_ts = lists[0][6] + lists[1][6]
             if not step_ts:
                 continue
             # one call for every counter (as torch's foreach/fused AdamW do), not one per param
-            torch._foreach_add_(step_ts, 1)
+            _add_to_counters(step_ts, 1)
             beta1, beta2 = group["betas"]
             done = []
             try:
@@ -512,7 +519,7 @@ class SparseAdamW(Optimizer):
                 # counters of the tensors it did not step go back
                 undo = [t for i, lst in enumerate(lists) if i not in done for t in lst[6]]
                 if undo:
-                    torch._foreach_sub_(undo, 1)
+                    _add_to_counters(undo, -1)
                 raise
         return loss
 
@@ -842,6 +849,7 @@ class SparseAdamW(Optimizer):
         if piece is None:
             return
         params = self._ordered_params()
+        self._sharded = any(local_tensor(p) is not p for p in params)
         self.sparse_grads = piece["sparse_grads"]
         self.master_weights = piece["master_weights"]
         self.backend = piece["backend"]
@@ -864,6 +872,14 @@ class SparseAdamW(Optimizer):
         self._hooks = {}
         if self.sparse_grads:
             self._install_hooks(params)
+
+
+def _add_to_counters(steps: list[Tensor], value: int) -> None:
+    # one tensor: add_ (~3x cheaper than a foreach call of one); several: one foreach call
+    if len(steps) == 1:
+        steps[0].add_(value)
+    else:
+        torch._foreach_add_(steps, value)
 
 
 @torch.no_grad()

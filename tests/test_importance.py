@@ -38,7 +38,8 @@ def _float64_sums(model: TinyNet, data) -> tuple[dict, dict, dict]:
 
 
 def brute_force_topk(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Stable sort by (-score, global position): the tie rule (the lower global position wins; on the CPU)."""
+    """Stable sort by (-score, global position): the tie rule (the lower global position
+    wins), on the CPU."""
     flat = torch.cat([s.reshape(-1).double().cpu() for s in scores])
     order = torch.sort(-flat, stable=True).indices[:k]
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)

@@ -75,9 +75,19 @@ class NativeBackend:
         self._candidates = device_type == "cpu"  # the CUDA kernels keep none
         self._cand: dict[int, tuple] = {}
         self._status = StepStatus()
+        self._empty: dict[torch.device, Tensor] = {}
 
     def __repr__(self) -> str:
         return f"NativeBackend({self.name!r}, {self.origin})"
+
+    def _no_master(self, like: Tensor) -> Tensor:
+        """The 0-element tensor that says "no master" in the op's list (see csrc/binding.h);
+        one per device, made once: the op is called eagerly only (under torch.compile the
+        step runs as torch ops), where entries of the list may alias."""
+        t = self._empty.get(like.device)
+        if t is None:
+            t = self._empty[like.device] = like.new_empty(0)
+        return t
 
     def not_supported_reasons(self, op: str, device: torch.device, dtypes: tuple) -> list[str]:
         if device.type != self.name:
@@ -206,15 +216,17 @@ class NativeBackend:
         """All tensors in one kernel call (per device on CUDA).  One call holds one param
         group: the scalars differ only in the step-dependent ``step_size``/``bc2_sqrt``."""
         sc = scalars[0]
-        m = [_flat(t) for t in exp_avgs]
-        v = [_flat(t) for t in exp_avg_sqs]
-        w = [_flat(_or_empty(t, mm)) for t, mm in zip(masters, m, strict=True)]
+        m = [t if t.dim() == 1 else t.view(-1) for t in exp_avgs]
+        v = [t if t.dim() == 1 else t.view(-1) for t in exp_avg_sqs]
+        w = [
+            self._no_master(mm) if t is None else _flat(t) for t, mm in zip(masters, m, strict=True)
+        ]
         shared = (sc.decay, sc.lerp_weight, sc.beta2, sc.sq_weight, sc.eps, grad_is_sparse)
         if self.name == "cpu":
             self._ops.adamw_step_many_(
-                list(params),
-                list(grads),
-                list(idxs),
+                params,
+                grads,
+                idxs,
                 m,
                 v,
                 w,
@@ -241,7 +253,7 @@ class NativeBackend:
                     status,
                 )
                 self._status.launched(device)
-        torch.autograd.graph.increment_version([*params, *m, *v, *w])
+        torch.autograd.graph.increment_version([*params, *m, *v, *(t for t in w if t.numel())])
 
 
 def cpu_backend() -> NativeBackend:
