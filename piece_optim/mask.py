@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ from ._indices import index_dtype_for, union_indices, validate_indices
 
 __all__ = [
     "BoundMask",
+    "MaskSpec",
     "SparseMask",
     "canonical_name",
     "index_dtype_for",
+    "mask_spec",
     "union_indices",
     "validate_indices",
 ]
@@ -268,6 +271,50 @@ class SparseMask(Mapping[str, Tensor]):
         except ValueError as exc:
             raise ValueError(f"SparseMask.load: {path}: {exc}") from exc
         return mask.to(device) if torch.device(device).type != "cpu" else mask
+
+
+@dataclass
+class MaskSpec:
+    """What ``SparseAdamW(mask=...)`` was given, in one form (:func:`mask_spec`).
+
+    ``kind``: ``"dense"`` (``mask=None``), ``"pending"`` (the mask comes from the next
+    ``load_state_dict``), ``"names"`` (keyed by parameter name: a :class:`SparseMask` or a
+    mapping of str) or ``"params"`` (keyed by parameter tensor: ``mask.bind(model)``).
+    """
+
+    kind: str
+    by_name: dict[str, Tensor] = field(default_factory=dict)
+    by_param: dict[Tensor, Tensor] = field(default_factory=dict)
+    param_names: dict[Tensor, str] = field(default_factory=dict)  # from bind(): for errors
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    numel_total: int | None = None
+
+
+def mask_spec(mask: object, pending: bool = False) -> MaskSpec:
+    """The three kinds of mask an optimizer takes, told apart once (see :class:`MaskSpec`);
+    raises TypeError for anything else."""
+    if mask is None:
+        return MaskSpec("dense")
+    if pending:
+        return MaskSpec("pending")
+    if isinstance(mask, SparseMask):
+        return MaskSpec(
+            "names",
+            by_name=dict(mask.items()),
+            shapes={n: mask.shape(n) for n in mask.names()},
+            numel_total=mask.numel_total(),
+        )
+    if isinstance(mask, Mapping):
+        keys = list(mask.keys())
+        names = dict(getattr(mask, "param_names", {}))
+        if all(isinstance(k, str) for k in keys):
+            return MaskSpec("names", by_name=dict(mask), param_names=names)
+        if all(isinstance(k, Tensor) for k in keys):
+            return MaskSpec("params", by_param=dict(mask), param_names=names)
+        raise TypeError(
+            "mask must map parameter names (str) or parameter tensors to indices, not a mix"
+        )
+    raise TypeError(f"mask must be None, a SparseMask or a mapping, got {type(mask).__name__}")
 
 
 class BoundMask(dict):

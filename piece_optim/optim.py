@@ -21,7 +21,7 @@ from ._sparse_grad import SparseGrad
 from .backends import validate_backend_name
 from .backends.reference import compute_dtype
 from .functional import refuse_foreign_adam_flags, sparse_adamw
-from .mask import SparseMask, canonical_name
+from .mask import SparseMask, canonical_name, mask_spec
 
 __all__ = ["SparseAdamW", "SparseGrad"]
 
@@ -180,41 +180,17 @@ class SparseAdamW(Optimizer):
         self._sharded = False
 
         # Resolve the mask before torch's __init__ calls add_param_group.
-        self._mask_kind: str
-        self._mask_by_name: dict[str, Tensor] = {}
-        self._mask_by_param: dict[Tensor, Tensor] = {}
-        self._mask_param_names: dict[Tensor, str] = getattr(mask, "param_names", {})
-        self._mask_shapes: dict[str, tuple[int, ...]] = {}
-        self._mask_total: int | None = None
+        spec = mask_spec(mask, pending=mask is MASK_FROM_STATE_DICT)
+        self._mask_kind: str = spec.kind
+        self._mask_by_name: dict[str, Tensor] = spec.by_name
+        self._mask_by_param: dict[Tensor, Tensor] = spec.by_param
+        self._mask_param_names: dict[Tensor, str] = spec.param_names
+        self._mask_shapes: dict[str, tuple[int, ...]] = spec.shapes
+        self._mask_total: int | None = spec.numel_total
         self._matched: set[Any] = set()
         self._mask_params: list[Tensor] = []  # params with selected entries (on any rank)
         self._selection: dict[Tensor, Tensor | None] = {}  # param -> idx (None: dense)
         self._names: dict[Tensor, str] = {}
-        if mask is None:
-            self._mask_kind = "dense"
-        elif mask is MASK_FROM_STATE_DICT:
-            self._mask_kind = "pending"
-        elif isinstance(mask, SparseMask):
-            self._mask_kind = "names"
-            self._mask_by_name = dict(mask.items())
-            self._mask_shapes = {n: mask.shape(n) for n in mask.names()}
-            self._mask_total = mask.numel_total()
-        elif isinstance(mask, Mapping):
-            keys = list(mask.keys())
-            if all(isinstance(k, str) for k in keys):
-                self._mask_kind = "names"
-                self._mask_by_name = dict(mask)
-            elif all(isinstance(k, Tensor) for k in keys):
-                self._mask_kind = "params"
-                self._mask_by_param = dict(mask)
-            else:
-                raise TypeError(
-                    "mask must map parameter names (str) or parameter tensors to indices, not a mix"
-                )
-        else:
-            raise TypeError(
-                f"mask must be None, a SparseMask or a mapping, got {type(mask).__name__}"
-            )
 
         # differentiable=False: read by torch's step decorator (below), as in AdamW's defaults
         defaults = dict(
