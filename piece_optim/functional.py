@@ -147,26 +147,25 @@ def sparse_adamw(
             last = (t, adamw_scalars(*hp, t))
         scalars.append(last[1])
     by_input: dict[tuple, Backend] = {}
-    groups: dict[int, tuple[Backend, list[int]]] = {}
-    for i, p in enumerate(params):
+
+    def backend_of(i: int) -> Backend:
+        p = params[i]
         key = (p.device, p.dtype, grads[i].dtype)
         be = by_input.get(key)
         if be is None:
             be = by_input[key] = resolve(backend, "adamw", p.device, key[1:])
-        entry = groups.get(id(be))
-        if entry is None:
-            groups[id(be)] = (be, [i])
-        else:
-            entry[1].append(i)
+        return be
+
+    groups = group_by_backend(range(len(params)), backend_of)
     if len(groups) == 1:  # the usual case: no copies of the lists
-        ((be, _),) = groups.values()
+        be = groups[0][0]
         if not be.checks_indices:
             check_step_indices(params, idxs)
         be.adamw_step_many_(
             params, grads, idxs, exp_avgs, exp_avg_sqs, masters, scalars, grad_is_sparse
         )
         return
-    ordered = list(groups.values())
+    ordered = groups
     unchecked = [i for be, ids in ordered if not be.checks_indices for i in ids]
     check_step_indices([params[i] for i in unchecked], [idxs[i] for i in unchecked])
     # backends that check their own indices first: they raise before anything is written
