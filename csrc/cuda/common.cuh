@@ -50,7 +50,8 @@ __device__ __forceinline__ uint32_t score_bits(const ScoreArgs& s, int64_t i) {
     v = A::ld(s2[i]);
   } else {
     const typename A::T* s1 = static_cast<const typename A::T*>(s.sum_g);
-    // _reference.score's rule: NaN in -> NaN out; den == +inf (g*g overflowed) -> +inf;
+    // The rule of reference.score (piece_optim/backends/reference.py): NaN in -> NaN
+    // out; den == +inf (g*g overflowed) -> +inf;
     // den == 0 -> 0.  `num * 0` is 0 for a finite numerator and NaN for a NaN one.
     const float num = fabsf(A::ld(s1[i]));
     const float den = __fsqrt_rn(__fadd_rn(A::ld(s2[i]), s.eps));
