@@ -33,8 +33,8 @@ per group of tensors on the hot path.
 
 Adding a backend: a module with a class that has the five ops and ``name``,
 ``devices``, ``priority``, ``select_chunk``, ``advice``, ``not_supported_reasons``; one
-:func:`register` line below; its tolerances, if it is not bit-exact, in
-``tests/test_backends.py``; and a stage in ``scripts/test.sh``.
+:func:`register` line below; its tolerances, if it is not bit-exact, in ``tol_of`` of
+``tests/helpers.py`` (``tests/test_backends.py`` then tests it); a stage in ``scripts/test.sh``.
 """
 
 from __future__ import annotations
