@@ -37,8 +37,9 @@ def hist_add(hist_ptr, s, mask, shift, prefix):
 
 
 @triton.jit
-def _histogram_kernel(sc_ptr, g_ptr, g2_ptr, hist_ptr, n, eps, shift, prefix,
-                      MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _histogram_kernel(
+    sc_ptr, g_ptr, g2_ptr, hist_ptr, n, eps, shift, prefix, MODE: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     s = load_score(sc_ptr, g_ptr, g2_ptr, offs, mask, eps, MODE)
@@ -71,6 +72,15 @@ def histogram_triton(
     if n == 0:
         return
     _histogram_kernel[(triton.cdiv(n, BLOCK),)](
-        a, b, c, hist, n, float(eps), int(shift), int(prefix), MODE=mode, BLOCK=BLOCK,
+        a,
+        b,
+        c,
+        hist,
+        n,
+        float(eps),
+        int(shift),
+        int(prefix),
+        MODE=mode,
+        BLOCK=BLOCK,
         **launch_opts(c),
-    )  # fmt: skip
+    )

@@ -6,8 +6,8 @@ with :class:`SparseAdamW`, which keeps optimizer state for the selected entries 
 """
 
 from . import protect
-from ._backends import BackendUnavailableError, available_backends
 from ._version import __version__
+from .backends import BackendUnavailableError, available_backends
 from .delta import apply_delta, load_delta, revert_delta, save_delta
 from .importance import ImportanceEstimator, SelectionInfo, SelectionWarning
 from .mask import SparseMask

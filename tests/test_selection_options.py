@@ -189,7 +189,7 @@ def test_no_cut_tie_reports_none(seed):
 
 
 def _src(sum_g, sum_g2):
-    be = po._backends.get_backend("auto", "cpu")
+    be = po.backends.get_backend("auto", "cpu")
     return ScoreSource(sum_g, sum_g2, sum_g2.numel(), torch.int32, be)
 
 
