@@ -115,11 +115,16 @@ Tensor score_histogram_(const std::optional<Tensor>& sum_g, const Tensor& sum_g2
                         int64_t prefix, int64_t /*cand_cap: candidates are a CPU feature*/) {
   c10::cuda::CUDAGuard guard(sum_g2.device());
   const pc::ScoreArgs s = score_args(sum_g, sum_g2, method, eps);
-  check_state(hist, "hist", 65536, sum_g2);
+  // R replicas of 65536 bins (see _reference.histogram_): the caller sums them
+  const int64_t replicas = hist.numel() / 65536;
+  TORCH_CHECK(replicas >= 1 && replicas <= 4096 && hist.numel() % 65536 == 0,
+              "piece_optim: hist must hold R * 65536 bins (1 <= R <= 4096), got ",
+              hist.numel());
+  check_state(hist, "hist", replicas * 65536, sum_g2);
   TORCH_CHECK(hist.scalar_type() == at::kLong, "piece_optim: hist must be int64");
   TORCH_CHECK(shift >= 0 && shift <= 16 && prefix >= 0,
               "piece_optim: shift must be in [0, 16] and prefix >= 0");
-  check(pc::score_histogram(s, hist.data_ptr<int64_t>(), int(shift), prefix,
+  check(pc::score_histogram(s, hist.data_ptr<int64_t>(), int(replicas), int(shift), prefix,
                             c10::cuda::getCurrentCUDAStream()),
         "histogram");
   return at::empty({}, sum_g2.options().dtype(at::kLong));  // 0-dim: no candidates kept

@@ -158,7 +158,10 @@ class _ExtBackend(Backend):
         if shift != 0:  # a new selection begins: stale candidates go
             self._cand.clear()
         ok_1, ok_2 = [], []
-        hist_ok = hist.dtype == torch.int64 and hist.is_contiguous() and hist.numel() == 65536
+        # CUDA kernels take R replicas of 65536 bins (see _reference.histogram_), CPU one
+        hist_ok = (hist.dtype == torch.int64 and hist.is_contiguous()
+                   and (hist.numel() == 65536
+                        or (hist.is_cuda and hist.numel() % 65536 == 0)))  # fmt: skip
         for s1, s2 in zip(sum_gs, sum_g2s, strict=True):
             if s2.numel() == 0:
                 continue  # nothing to count (the op would read an empty sum_g as "none")

@@ -50,6 +50,14 @@ def _find_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     return HIST_BINS - 1 - j, above
 
 
+# On a GPU the kernels count into GPU_HIST_REPLICAS copies of the histogram (block b into
+# copy b % R; see _reference.histogram_), summed after the pass: with one copy the
+# atomics of all blocks on the few hundred bins that hold most scores serialised, and a
+# 1e8-entry selection took 19-20 ms on an H200, 10x torch.topk (docs/gpu.md).  64 copies
+# are 32 MiB of int64, zeroed and summed in well under 0.1 ms.
+GPU_HIST_REPLICAS = 64
+
+
 def _new_hist(device: torch.device) -> Tensor:
     # The 65536-bin bookkeeping runs in numpy, single-threaded: each torch op on a CPU
     # tensor this size opens an OpenMP region, and on a loaded machine each region cost up
@@ -57,7 +65,12 @@ def _new_hist(device: torch.device) -> Tensor:
     # selection), more than the histogram passes over 20M scores themselves.
     if device.type == "cpu":
         return torch.from_numpy(np.zeros(HIST_BINS, dtype=np.int64))
-    return torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+    return torch.zeros(GPU_HIST_REPLICAS * HIST_BINS, dtype=torch.int64, device=device)
+
+
+def _summed(hist: Tensor) -> Tensor:
+    """The histogram a pass built: the sum of its replicas (one on CPU)."""
+    return hist if hist.numel() == HIST_BINS else hist.view(-1, HIST_BINS).sum(0)
 
 
 def _histogram_pass(
@@ -94,6 +107,7 @@ def global_topk(
     device = sources[0].sum_g2.device
     hist = _new_hist(device)
     _histogram_pass(sources, method, eps, hist, HIST_BITS, 0)
+    hist = _summed(hist)
     if reduce_hist is not None:
         reduce_hist(hist)
     h = hist.cpu().numpy()
@@ -112,6 +126,7 @@ def global_topk(
 
     hist = _new_hist(device)
     _histogram_pass(sources, method, eps, hist, 0, top)
+    hist = _summed(hist)
     if reduce_hist is not None:
         reduce_hist(hist)
     low, above2 = _find_bin(hist.cpu().numpy(), k - above)

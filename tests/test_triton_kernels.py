@@ -198,8 +198,10 @@ def test_accumulate_special_values(be, seed):
     gen = _gen(seed)
     for adtype in (F32, BF16):
         g = rnd(40, gen)
-        g[[1, 5, 9, 20]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
-        g[[2, 3]] = torch.tensor([1e-40, -3e-39])  # fp32 subnormals
+        g[[1, 5, 9, 20]] = torch.tensor(
+            [float("nan"), float("inf"), -float("inf"), 0.0], device=DEV
+        )
+        g[[2, 3]] = torch.tensor([1e-40, -3e-39], device=DEV)  # fp32 subnormals
         s1 = rnd(40, gen, adtype)
         s2 = rnd(40, gen).abs().to(adtype)
         s2[7] = float("inf")
@@ -327,6 +329,64 @@ def test_score_histogram_fused(be, seed, method):
             be.score_histogram_(s1, s2, method, 1.0, h, shift, prefix)
             ref.histogram_(sc, h_ref, shift, prefix)
             assert torch.equal(h, h_ref)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_score_histogram_into_replicas(be, seed, replicas):
+    """A histogram of R replicas (what the selection gives GPU kernels): the replicas sum
+    to the reference's one histogram, and with several blocks more than one is used."""
+    gen = _gen(seed)
+    n = 5000  # 5 Triton programs, 20 CUDA blocks
+    s1, s2 = rnd(n, gen), rnd(n, gen).abs()
+    sc = be.score(s1, s2, "piece-s", 1.0)
+    for shift, prefix in ((16, 0), (0, int(ref._bits(sc)[n // 3]) >> 16)):
+        start = torch.randint(0, 7, (replicas * ref.HIST_BINS,), generator=gen).to(DEV)
+        h = start.clone()
+        h_ref = torch.zeros(ref.HIST_BINS, dtype=torch.int64, device=DEV)
+        be.score_histogram_(s1, s2, "piece-s", 1.0, h, shift, prefix)
+        ref.histogram_(sc, h_ref, shift, prefix)
+        added = (h - start).view(replicas, ref.HIST_BINS)
+        assert torch.equal(added.sum(0), h_ref), (shift, prefix)
+        if replicas > 1 and shift == 16:
+            assert int((added.sum(1) > 0).sum()) > 1, "every block counted into one replica"
+
+
+def test_reference_histogram_replicas_and_bad_sizes(seed):
+    gen = _gen(seed)
+    sc = rnd(300, gen).abs()
+    h = torch.zeros(3 * ref.HIST_BINS, dtype=torch.int64)
+    one = torch.zeros(ref.HIST_BINS, dtype=torch.int64)
+    ref.histogram_(sc, h, 16, 0)
+    ref.histogram_(sc, one, 16, 0)
+    assert torch.equal(h.view(3, -1).sum(0), one)
+    with pytest.raises(ValueError, match="65536 bins"):
+        ref.histogram_(sc, torch.zeros(1000, dtype=torch.int64), 16, 0)
+
+
+def test_global_topk_with_replicated_histograms(tbe, seed, monkeypatch):
+    """The selection path GPUs take (R replicas per pass, summed) selects exactly what
+    one histogram selects; run here with the Triton kernels on any device."""
+    from piece_optim import _select
+
+    gen = _gen(seed)
+    sums = [(rnd(n, gen), rnd(n, gen).abs()) for n in (7, 2500, 1031)]
+    total = sum(s2.numel() for _, s2 in sums)
+
+    def run(k):
+        srcs = [ScoreSource(s1, s2, s2.numel(), torch.int32, tbe) for s1, s2 in sums]
+        return global_topk(srcs, k, "piece-s", 1.0)
+
+    ks = (1, int(torch.randint(2, total, (1,), generator=gen)), total)
+    want = [run(k) for k in ks]
+    monkeypatch.setattr(
+        _select, "_new_hist",
+        lambda device: torch.zeros(4 * ref.HIST_BINS, dtype=torch.int64, device=device),
+    )  # fmt: skip
+    for k, w in zip(ks, want, strict=True):
+        got = run(k)
+        assert sum(i.numel() for i in got) == k
+        for a, b in zip(got, w, strict=True):
+            assert torch.equal(a, b), f"k={k}"
 
 
 # -- compaction and global top-k --------------------------------------------------------
@@ -468,7 +528,7 @@ def test_adamw_nonfinite_grads_propagate_like_reference(be, seed):
     p = rnd(50, gen)
     idx = torch.arange(0, 50, 2, dtype=torch.int32, device=DEV)
     g = rnd(50, gen)
-    g[[0, 4, 8]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    g[[0, 4, 8]] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=DEV)
     m, v = rnd(25, gen), rnd(25, gen).abs()
     p_r, m_r, v_r, p_old = p.clone(), m.clone(), v.clone(), p.clone()
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)

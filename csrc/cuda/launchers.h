@@ -30,9 +30,10 @@ struct ScoreArgs {
 
 cudaError_t score(const ScoreArgs& s, float* out, cudaStream_t stream);
 
-// hist: 65536 int64 counters (added to); see _reference.histogram_ for shift/prefix.
-cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int shift, int64_t prefix,
-                            cudaStream_t stream);
+// hist: replicas * 65536 int64 counters (added to; the histogram is the sum of the
+// replicas, block b adds to replica b % replicas); see _reference.histogram_.
+cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int replicas, int shift,
+                            int64_t prefix, cudaStream_t stream);
 
 // Compaction in four steps (flags, scan of the ties, flags, CUB select).  Call
 // compact_workspace_bytes(n) for the workspace size; out must hold n int64 entries;

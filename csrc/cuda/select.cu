@@ -19,10 +19,13 @@ __global__ void score_kernel(ScoreArgs s, float* __restrict__ out) {
 
 // Warp-aggregated global atomics: lanes that hit the same bin add once (__match_any_sync),
 // which matters at level 1 where most scores share a few hundred bins.  The loop bound is
-// block-uniform, so every lane reaches __match_any_sync with the full mask.
+// block-uniform, so every lane reaches __match_any_sync with the full mask.  Block b adds
+// to replica b % replicas: with one histogram the blocks' atomics on those few hundred
+// bins serialised (19 ms for 1e8 scores on an H200, ten times torch.topk).
 template <class A, int M>
-__global__ void hist_kernel(ScoreArgs s, unsigned long long* __restrict__ hist, int shift,
-                            uint64_t prefix) {
+__global__ void hist_kernel(ScoreArgs s, unsigned long long* __restrict__ hist, int replicas,
+                            int shift, uint64_t prefix) {
+  hist += size_t(blockIdx.x % unsigned(replicas)) * 65536u;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t base = int64_t(blockIdx.x) * blockDim.x; base < s.n; base += stride) {
     const int64_t i = base + threadIdx.x;
@@ -90,12 +93,13 @@ struct ScoreRun {
 struct HistRun {
   const ScoreArgs& s;
   unsigned long long* hist;
+  int replicas;
   int shift;
   uint64_t prefix;
   cudaStream_t st;
   template <class A, int M>
   cudaError_t run() {
-    hist_kernel<A, M><<<grid_for(s.n), kThreads, 0, st>>>(s, hist, shift, prefix);
+    hist_kernel<A, M><<<grid_for(s.n), kThreads, 0, st>>>(s, hist, replicas, shift, prefix);
     return cudaGetLastError();
   }
 };
@@ -136,10 +140,12 @@ cudaError_t score(const ScoreArgs& s, float* out, cudaStream_t stream) {
   return dispatch_score(s, r);
 }
 
-cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int shift, int64_t prefix,
-                            cudaStream_t stream) {
+cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int replicas, int shift,
+                            int64_t prefix, cudaStream_t stream) {
   if (s.n == 0) return cudaSuccess;
-  HistRun r{s, reinterpret_cast<unsigned long long*>(hist), shift, uint64_t(prefix), stream};
+  if (replicas < 1) return cudaErrorInvalidValue;
+  HistRun r{s, reinterpret_cast<unsigned long long*>(hist), replicas, shift, uint64_t(prefix),
+            stream};
   return dispatch_score(s, r);
 }
 
