@@ -60,6 +60,26 @@ __global__ void keep_flags_kernel(ScoreArgs s, uint32_t thr, int64_t take_eq,
   }
 }
 
+// keep: bits >= thr, for a call that keeps every tie (take_eq >= n); n_eq counts the ties
+// with one warp-aggregated atomic per warp.  This skips the tie flags and their scan:
+// 4 of the 6 passes of n int64 words.
+template <class A, int M>
+__global__ void keep_all_ties_kernel(ScoreArgs s, uint32_t thr, uint8_t* __restrict__ keep,
+                                     unsigned long long* __restrict__ n_eq) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t base = int64_t(blockIdx.x) * blockDim.x; base < s.n; base += stride) {
+    const int64_t i = base + threadIdx.x;
+    bool eq = false;
+    if (i < s.n) {
+      const uint32_t u = score_bits<A, M>(s, i);
+      keep[i] = u >= thr ? 1 : 0;
+      eq = u == thr;
+    }
+    const unsigned ties = __ballot_sync(0xFFFFFFFFu, eq);
+    if ((threadIdx.x & 31) == 0 && ties != 0) atomicAdd(n_eq, (unsigned long long)__popc(ties));
+  }
+}
+
 __global__ void narrow_kernel(const int64_t* __restrict__ in, int32_t* __restrict__ out,
                               int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -132,6 +152,19 @@ struct KeepRun {
   }
 };
 
+struct KeepAllRun {
+  const ScoreArgs& s;
+  uint32_t thr;
+  uint8_t* keep;
+  unsigned long long* n_eq;
+  cudaStream_t st;
+  template <class A, int M>
+  cudaError_t run() {
+    keep_all_ties_kernel<A, M><<<grid_for(s.n), kThreads, 0, st>>>(s, thr, keep, n_eq);
+    return cudaGetLastError();
+  }
+};
+
 }  // namespace
 
 cudaError_t score(const ScoreArgs& s, float* out, cudaStream_t stream) {
@@ -164,8 +197,18 @@ cudaError_t compact(const ScoreArgs& s, uint32_t thr, int64_t take_eq, void* wor
   size_t temp_bytes = workspace_bytes - size_t(temp - ws);
   if (workspace_bytes < compact_workspace_bytes(s.n)) return cudaErrorInvalidValue;
 
+  cudaError_t err;
+  if (take_eq >= s.n) {  // every tie is kept (the usual case: see _select.global_topk)
+    err = cudaMemsetAsync(counts + 1, 0, sizeof(int64_t), stream);
+    if (err != cudaSuccess) return err;
+    KeepAllRun ka{s, thr, keep, reinterpret_cast<unsigned long long*>(counts + 1), stream};
+    err = dispatch_score(s, ka);
+    if (err != cudaSuccess) return err;
+    return cub::DeviceSelect::Flagged(temp, temp_bytes, thrust::counting_iterator<int64_t>(0),
+                                      keep, out, counts, s.n, stream);
+  }
   EqRun f{s, thr, eq, stream};
-  cudaError_t err = dispatch_score(s, f);
+  err = dispatch_score(s, f);
   if (err != cudaSuccess) return err;
   err = cub::DeviceScan::InclusiveSum(temp, temp_bytes, eq, rank, s.n, stream);
   if (err != cudaSuccess) return err;
