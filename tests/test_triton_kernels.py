@@ -398,7 +398,7 @@ def test_compact_matches_reference(be, seed, index_dtype):
         bits = ref._bits(sc)
         for thr in {int(bits[0]), int(bits[n // 2]), int(bits.max()), 0}:
             n_eq_all = int((bits == thr).sum())
-            for take_eq in sorted({0, 1, n_eq_all // 2, n_eq_all, n_eq_all + 3, n}):  # n: "keep all"
+            for take_eq in sorted({0, 1, n_eq_all // 2, n_eq_all, n_eq_all + 3, n}):  # n: all
                 idx, n_eq = be.compact(sc, thr, take_eq, index_dtype)
                 idx_ref, n_eq_ref = ref.compact(sc, thr, take_eq, index_dtype)
                 assert n_eq == n_eq_ref, (n, thr, take_eq)
