@@ -9,7 +9,6 @@ torch you already have (an isolated build would download a CUDA torch).
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,11 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent.resolve()
 sys.path.insert(0, str(ROOT))  # so csrc_build.py is importable under any build frontend
 
+# Packages whose source folder is not their import path, declared once: the repository's
+# kernels/ is installed as piece_optim.kernels (never as a top-level `kernels`).
+# tests/test_packaging.py checks both an editable install and a built wheel against it.
+PACKAGE_DIRS = {"piece_optim.kernels": "kernels"}
+
 
 def _version() -> str:
     text = (ROOT / "piece_optim" / "_version.py").read_text()
@@ -27,14 +31,14 @@ def _version() -> str:
 
 def _ext_modules_and_cmdclass() -> tuple[list, dict]:
     """Compiled parts; an empty list when they cannot or should not be built."""
-    if os.environ.get("PIECE_SKIP_BUILD", "0") == "1":
-        print("piece_optim: PIECE_SKIP_BUILD=1, skipping the C++/CUDA extension")
-        return [], {}
     try:
-        from csrc_build import ext_modules_and_cmdclass  # csrc/ build logic, csrc_build.py
+        import csrc_build  # csrc/ build logic; configuration in piece_optim/_build_config.py
     except ImportError:
         return [], {}
-    return ext_modules_and_cmdclass(ROOT)
+    if csrc_build._get("SKIP_BUILD", "0") == "1":
+        print("piece_optim: PIECE_OPTIM_SKIP_BUILD=1, skipping the C++/CUDA extension")
+        return [], {}
+    return csrc_build.ext_modules_and_cmdclass(ROOT)
 
 
 ext_modules, cmdclass = _ext_modules_and_cmdclass()
@@ -46,11 +50,8 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        *find_packages(include=["piece_optim", "piece_optim.*"]),
-        "piece_optim.kernels",
-    ],
-    package_dir={"piece_optim": "piece_optim", "piece_optim.kernels": "kernels"},
+    packages=[*find_packages(include=["piece_optim", "piece_optim.*"]), *PACKAGE_DIRS],
+    package_dir={"piece_optim": "piece_optim", **PACKAGE_DIRS},
     include_package_data=True,
     package_data={"piece_optim.demo": ["weights/*.safetensors"]},
     install_requires=[

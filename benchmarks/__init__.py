@@ -1,2 +1,2 @@
 """piece_optim benchmarks (not installed; run from the repo: ``python -m benchmarks.micro``,
-``piece-optim bench``)."""
+``python -m benchmarks``)."""

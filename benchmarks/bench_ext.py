@@ -70,8 +70,13 @@ def step_bench(n: int, ratio: float, reps: int) -> dict:
     # the index range check every C++ step runs before writing (csrc/ops.cpp), alone
     check = torch.ops.piece_optim._first_out_of_range
     t_check = bench(lambda: check(idx, n), reps * 20)
-    return {"torch_fused_adamw_s": t_full, "sparse_step_s": t_sparse, "k": k,
-            "speedup": t_full / t_sparse, "check_s": t_check}  # fmt: skip
+    return {
+        "torch_fused_adamw_s": t_full,
+        "sparse_step_s": t_sparse,
+        "k": k,
+        "speedup": t_full / t_sparse,
+        "check_s": t_check,
+    }
 
 
 def select_bench(n: int, ratio: float, reps: int, parts: int) -> dict:
@@ -113,10 +118,16 @@ def select_bench(n: int, ratio: float, reps: int, parts: int) -> dict:
     copy_gbs = 8 * n / t_copy / 1e9
     bytes_moved = 20 * n
     return {
-        "baseline_s": t_base, "ours_s": t_ours, "collect_s": t_collect, "select_s": t_select,
-        "speedup": t_base / t_ours, "gbs": bytes_moved / t_ours / 1e9, "copy_gbs": copy_gbs,
-        "floor_s": bytes_moved / (copy_gbs * 1e9), "k": k,
-    }  # fmt: skip
+        "baseline_s": t_base,
+        "ours_s": t_ours,
+        "collect_s": t_collect,
+        "select_s": t_select,
+        "speedup": t_base / t_ours,
+        "gbs": bytes_moved / t_ours / 1e9,
+        "copy_gbs": copy_gbs,
+        "floor_s": bytes_moved / (copy_gbs * 1e9),
+        "k": k,
+    }
 
 
 def main() -> None:
@@ -128,38 +139,60 @@ def main() -> None:
     ap.add_argument("--csv", default=None, help="append the results to this CSV file")
     a = ap.parse_args()
 
-    from piece_optim._ext_backend import CpuBackend
+    from piece_optim import backends
 
-    be = CpuBackend()
-    hw = (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, isa {torch.ops.piece_optim.cpu_isa()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}, "
-          f"ext {be.origin}")  # fmt: skip
+    be = backends.load("cpu")
+    if be is None:
+        raise SystemExit(f"the C++ CPU backend does not load: {backends.explain('adamw')['cpu']}")
+    hw = (
+        f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, isa {torch.ops.piece_optim.cpu_isa()}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}, "
+        f"ext {be.origin}"
+    )
     print(f"# {hw}")
     st = step_bench(a.n, a.ratio, a.reps)
-    print(f"(a) step N={a.n:,} k={st['k']:,}: torch AdamW(fused=True) full step "
-          f"{st['torch_fused_adamw_s'] * 1e3:.2f} ms, SparseAdamW(cpu) "
-          f"{st['sparse_step_s'] * 1e6:.1f} us -> {st['speedup']:.0f}x")  # fmt: skip
-    print(f"    of which the index range check: {st['check_s'] * 1e6:.1f} us alone "
-          f"({st['check_s'] / st['sparse_step_s']:.1%} of the step)")  # fmt: skip
+    print(
+        f"(a) step N={a.n:,} k={st['k']:,}: torch AdamW(fused=True) full step "
+        f"{st['torch_fused_adamw_s'] * 1e3:.2f} ms, SparseAdamW(cpu) "
+        f"{st['sparse_step_s'] * 1e6:.1f} us -> {st['speedup']:.0f}x"
+    )
+    print(
+        f"    of which the index range check: {st['check_s'] * 1e6:.1f} us alone "
+        f"({st['check_s'] / st['sparse_step_s']:.1%} of the step)"
+    )
     se = select_bench(a.n, a.ratio, a.reps, a.parts)
-    print(f"(b) collect+select PIECE-F N={a.n:,} k={se['k']:,}: torch addcmul_+topk "
-          f"{se['baseline_s'] * 1e3:.1f} ms, ours {se['ours_s'] * 1e3:.1f} ms "
-          f"(collect {se['collect_s'] * 1e3:.1f} + select {se['select_s'] * 1e3:.1f}) -> "
-          f"{se['speedup']:.1f}x")  # fmt: skip
-    print(f"    bandwidth: {se['gbs']:.1f} GB/s moved (20 B/element) vs copy "
-          f"{se['copy_gbs']:.1f} GB/s; floor {se['floor_s'] * 1e3:.1f} ms -> "
-          f"{se['ours_s'] / se['floor_s']:.2f}x the floor")  # fmt: skip
+    print(
+        f"(b) collect+select PIECE-F N={a.n:,} k={se['k']:,}: torch addcmul_+topk "
+        f"{se['baseline_s'] * 1e3:.1f} ms, ours {se['ours_s'] * 1e3:.1f} ms "
+        f"(collect {se['collect_s'] * 1e3:.1f} + select {se['select_s'] * 1e3:.1f}) -> "
+        f"{se['speedup']:.1f}x"
+    )
+    print(
+        f"    bandwidth: {se['gbs']:.1f} GB/s moved (20 B/element) vs copy "
+        f"{se['copy_gbs']:.1f} GB/s; floor {se['floor_s'] * 1e3:.1f} ms -> "
+        f"{se['ours_s'] / se['floor_s']:.2f}x the floor"
+    )
     if a.csv:
         new = not os.path.exists(a.csv)
         with open(a.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["hardware", "n", "ratio", "step_speedup", "select_speedup", "gbs",
-                            "copy_gbs"])  # fmt: skip
-            w.writerow([hw, a.n, a.ratio, f"{st['speedup']:.1f}", f"{se['speedup']:.2f}",
-                        f"{se['gbs']:.2f}", f"{se['copy_gbs']:.2f}"])  # fmt: skip
+                w.writerow(
+                    ["hardware", "n", "ratio", "step_speedup", "select_speedup", "gbs", "copy_gbs"]
+                )
+            w.writerow(
+                [
+                    hw,
+                    a.n,
+                    a.ratio,
+                    f"{st['speedup']:.1f}",
+                    f"{se['speedup']:.2f}",
+                    f"{se['gbs']:.2f}",
+                    f"{se['copy_gbs']:.2f}",
+                ]
+            )
 
 
 if __name__ == "__main__":

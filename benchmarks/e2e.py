@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import piece_optim as po
-from piece_optim._backends import get_backend
+from piece_optim.backends import get_backend
 
 from .harness import append_rows, make_row, normalize_row, provenance, time_fn
 from .micro import backends_to_run
@@ -55,11 +55,16 @@ def build_model(size: ModelSize, device: torch.device | str, seed: int = 0) -> t
     """A randomly initialised ``LlamaForCausalLM`` of ``size`` (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=size.vocab, hidden_size=size.hidden,
-                      intermediate_size=size.intermediate, num_hidden_layers=size.layers,
-                      num_attention_heads=size.heads, num_key_value_heads=size.heads,
-                      max_position_embeddings=max(size.seq, 16),
-                      tie_word_embeddings=False)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=max(size.seq, 16),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(device)
 
@@ -96,9 +101,18 @@ def throughput_rows(
     n = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     base = time_fn(lambda: _train_step(model, opt, x), **kw)
-    rows = [make_row("e2e_train_step", "torch.optim.AdamW", base, prov=prov, n=n,
-                     throughput=tokens / (base.median_ms * 1e-3), throughput_unit="tokens/s",
-                     model=shape)]  # fmt: skip
+    rows = [
+        make_row(
+            "e2e_train_step",
+            "torch.optim.AdamW",
+            base,
+            prov=prov,
+            n=n,
+            throughput=tokens / (base.median_ms * 1e-3),
+            throughput_unit="tokens/s",
+            model=shape,
+        )
+    ]
     tick("e2e AdamW")
     del opt
 
@@ -112,11 +126,22 @@ def throughput_rows(
         model.zero_grad(set_to_none=True)
         opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-4, backend=name)
         t = time_fn(lambda opt=opt, model=model: _train_step(model, opt, x), **kw)
-        rows.append(make_row("e2e_train_step", get_backend(name, device).name, t, prov=prov,
-                             n=n, k=mask.numel_selected(), ratio=ratio,
-                             baseline="torch.optim.AdamW(foreach)", baseline_timing=base,
-                             throughput=tokens / (t.median_ms * 1e-3),
-                             throughput_unit="tokens/s", model=shape))  # fmt: skip
+        rows.append(
+            make_row(
+                "e2e_train_step",
+                get_backend(name, device).name,
+                t,
+                prov=prov,
+                n=n,
+                k=mask.numel_selected(),
+                ratio=ratio,
+                baseline="torch.optim.AdamW(foreach)",
+                baseline_timing=base,
+                throughput=tokens / (t.median_ms * 1e-3),
+                throughput_unit="tokens/s",
+                model=shape,
+            )
+        )
         tick(f"e2e SparseAdamW {name}")
     return rows
 
@@ -154,8 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory rows")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
-    rows = throughput_rows(QUICK if args.quick else FULL, ratio=args.ratio, device=args.device,
-                           repeats=args.repeats)  # fmt: skip
+    rows = throughput_rows(
+        QUICK if args.quick else FULL, ratio=args.ratio, device=args.device, repeats=args.repeats
+    )
     if not args.no_memory:
         rows += memory_rows(args.quick, args.device)
     path = Path(args.out) / "bench.csv"

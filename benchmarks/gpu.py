@@ -7,7 +7,7 @@ them in this order, each in its own process under its own timeout.
 
 ``select`` (per N in ``--sizes``, accumulators fp32 and bf16, each GPU backend):
   ``gpu_copy``          ``dst.copy_(src)`` on N fp32: the bandwidth ceiling of this run.
-  ``gpu_accumulate``    the backend's ``accumulate_`` (one calibration term into
+  ``gpu_accumulate``    the backend's ``accumulate_many_`` (one calibration term into
                         sum g, sum g^2): N x (grad + 2 x read/write sum) bytes; baseline
                         torch eager ``add_`` + ``addcmul_`` on the same tensors.
   ``gpu_select``        exact global top-k (k = 0.1% of N) of the PIECE-S scores from the
@@ -17,10 +17,10 @@ them in this order, each in its own process under its own timeout.
                         selection is checked against topk's k-th value (``extra.check``).
   ``gpu_collect`` /     the same through ``ImportanceEstimator.collect()`` and
   ``gpu_est_select``    ``.select(ratio=1e-3)`` on one N-entry parameter: what a user
-                        runs (bf16 accumulators take the estimator's stochastic-rounding
-                        path, chunked selection), against the same baselines.
+                        runs (bf16 sums rounded stochastically by the backend's kernel),
+                        against the same baselines.
 ``step`` (N = the largest size, k = 0.1% of N, params fp32 and bf16):
-  ``gpu_step``          the backend's sparse ``adamw_step_`` on k sorted random indices;
+  ``gpu_step``          the backend's sparse ``adamw_step_many_`` on k sorted random indices;
   ``gpu_opt_step``      ``SparseAdamW.step()`` (the optimizer, Python included);
                         baseline ``torch.optim.AdamW(fused=True)`` on the dense N param.
 ``memory`` (a ~1.1B-parameter LLaMA from a ``LlamaConfig``, bf16, random weights and
@@ -59,9 +59,9 @@ from typing import Any
 import torch
 
 import piece_optim as po
-from piece_optim import _reference as ref
-from piece_optim._backends import get_backend
-from piece_optim._select import ScoreSource, global_topk
+from piece_optim import functional as F
+from piece_optim.backends import get_backend
+from piece_optim.backends import reference as ref
 
 from .harness import Timing, append_rows, iqr, make_row, median, provenance, read_rows, time_device
 
@@ -71,12 +71,26 @@ TINY_SIZE = 4099
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
 # ~1.1B parameters (TinyLlama-1.1B's shape): 2 x 65.5M embedding/head + 22 x 44M blocks.
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
-LLAMA_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                  tie_word_embeddings=False)  # fmt: skip
+LLAMA_1B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+LLAMA_TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=16,
+    tie_word_embeddings=False,
+)
 BATCH, SEQ = 4, 512  # 2048 tokens per step
 MIB = 1024.0**2
 
@@ -87,10 +101,17 @@ def gpu_info(device: torch.device) -> dict[str, str]:
     if device.type != "cuda":
         return {"driver": "none", "cuda": str(torch.version.cuda)}
     try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout.split("\n")[0].strip()  # fmt: skip
+        driver = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
+            .stdout.split("\n")[0]
+            .strip()
+        )
     except (OSError, subprocess.SubprocessError):
         driver = "unknown"
     cc = torch.cuda.get_device_capability(device)
@@ -155,20 +176,26 @@ class Rows:
         self.count += 1
         speed = f" {row['speedup']:.3g}x vs {row['baseline']}" if row["speedup"] != "" else ""
         frac = f" {row['frac_of_copy']:.1%} of copy" if row["frac_of_copy"] != "" else ""
-        _say(f"  {benchmark:<15} {backend:<18} n={kw.get('n', '')} {kw.get('dtype', '')} "
-             f"{timing.median_ms:.4g} ms{frac}{speed}")  # fmt: skip
+        _say(
+            f"  {benchmark:<15} {backend:<18} n={kw.get('n', '')} {kw.get('dtype', '')} "
+            f"{timing.median_ms:.4g} ms{frac}{speed}"
+        )
         return row
 
 
 def _timer(device: torch.device, tiny: bool) -> Callable[..., Timing]:
     def timed(fn: Callable[[], Any], *, slow: bool = False, setup=None) -> Timing:  # noqa: ANN001
         if tiny:
-            return time_device(fn, warmup=1, repeats=1, device=device, setup=setup,
-                               min_time_s=0.0)  # fmt: skip
+            return time_device(fn, warmup=1, repeats=1, device=device, setup=setup, min_time_s=0.0)
         # slow calls (>= ~50 ms: topk, the estimator paths at 1e9): 1 warm-up, 3 samples
-        return time_device(fn, warmup=1 if slow else 3, repeats=3 if slow else 10,
-                           device=device, setup=setup,
-                           min_time_s=0.0 if slow else 0.2)  # fmt: skip
+        return time_device(
+            fn,
+            warmup=1 if slow else 3,
+            repeats=3 if slow else 10,
+            device=device,
+            setup=setup,
+            min_time_s=0.0 if slow else 0.2,
+        )
 
     return timed
 
@@ -192,8 +219,7 @@ def run_select(sizes: Sequence[int], device: torch.device, out: Path, tiny: bool
         dst = torch.empty_like(src)
         t = timed(lambda src=src, dst=dst: dst.copy_(src))
         copy_gbps = 8 * n / (t.median_ms * 1e-3) / 1e9
-        rows.add("gpu_copy", "torch", t, n=n, bytes_moved=8 * n, copy_gbps=copy_gbps,
-                 dtype="fp32")  # fmt: skip
+        rows.add("gpu_copy", "torch", t, n=n, bytes_moved=8 * n, copy_gbps=copy_gbps, dtype="fp32")
         del src, dst
         for dname, dt in DTYPES.items():
             es = torch.tensor([], dtype=dt).element_size()
@@ -208,49 +234,85 @@ def run_select(sizes: Sequence[int], device: torch.device, out: Path, tiny: bool
             kth = float(torch.topk(scores, k, sorted=False).values.min())
             del scores
             _free(device)
-            base_score_topk = timed(lambda s1=s1, s2=s2, k=k: torch.topk(
-                ref.score(s1, s2, "piece-s", 1.0), k, sorted=False), slow=True)  # fmt: skip
+            base_score_topk = timed(
+                lambda s1=s1, s2=s2, k=k: torch.topk(
+                    ref.score(s1, s2, "piece-s", 1.0), k, sorted=False
+                ),
+                slow=True,
+            )
             common = dict(n=n, dtype=dname, copy_gbps=copy_gbps)
             for name in names:
                 be = get_backend(name, device)
                 a1.copy_(s1)
                 a2.copy_(s2)
-                t = timed(lambda be=be, a1=a1, a2=a2, g=g: be.accumulate_(g, a1, a2))
-                rows.add("gpu_accumulate", name, t, baseline="torch add_+addcmul_",
-                         baseline_timing=base_acc, bytes_moved=acc_bytes, **common)  # fmt: skip
-                src = [ScoreSource(s1, s2, n, ref.index_dtype_for(n), be)]
-                t = timed(lambda src=src, k=k: global_topk(src, k, "piece-s", 1.0), slow=not tiny)
-                (idx,) = global_topk(src, k, "piece-s", 1.0)
+                t = timed(lambda be=be, a1=a1, a2=a2, g=g: be.accumulate_many_([g], [a1], [a2]))
+                rows.add(
+                    "gpu_accumulate",
+                    name,
+                    t,
+                    baseline="torch add_+addcmul_",
+                    baseline_timing=base_acc,
+                    bytes_moved=acc_bytes,
+                    **common,
+                )
+                src = [F.ScoreSource(s1, s2, n, torch.int64 if n >= 2**31 else torch.int32, be)]
+                t = timed(lambda src=src, k=k: F.global_topk(src, k, "piece-s", 1.0), slow=not tiny)
+                (idx,) = F.global_topk(src, k, "piece-s", 1.0)
                 picked = ref.score(s1[idx.long()], s2[idx.long()], "piece-s", 1.0)
-                check = "ok" if idx.numel() == k and float(picked.min()) == kth else (
-                    f"MISMATCH: {idx.numel()} selected, min {float(picked.min())!r} vs topk "
-                    f"{kth!r}")  # fmt: skip
+                check = (
+                    "ok"
+                    if idx.numel() == k and float(picked.min()) == kth
+                    else (
+                        f"MISMATCH: {idx.numel()} selected, min {float(picked.min())!r} vs topk "
+                        f"{kth!r}"
+                    )
+                )
                 del idx, picked
                 if n == sizes[0] and dname == "fp32":
                     _profile(
                         f"global_topk, {name}, n={n}, fp32",
-                        lambda src=src, k=k: global_topk(src, k, "piece-s", 1.0),
+                        lambda src=src, k=k: F.global_topk(src, k, "piece-s", 1.0),
                         device,
                     )
-                rows.add("gpu_select", name, t, k=k, ratio=RATIO, baseline="torch.topk(scores)",
-                         baseline_timing=base_topk, bytes_moved=3 * 2 * es * n + 4 * k,
-                         score_topk_ms=base_score_topk.median_ms, check=check,
-                         **common)  # fmt: skip
+                rows.add(
+                    "gpu_select",
+                    name,
+                    t,
+                    k=k,
+                    ratio=RATIO,
+                    baseline="torch.topk(scores)",
+                    baseline_timing=base_topk,
+                    bytes_moved=3 * 2 * es * n + 4 * k,
+                    score_topk_ms=base_score_topk.median_ms,
+                    check=check,
+                    **common,
+                )
                 _free(device)
                 # the estimator's own path, on one N-entry parameter
                 mod = _one_param(n, dt, device)
-                est = po.ImportanceEstimator(mod, method="piece-s", exclude=(), accum_dtype=dt,
-                                             backend=name)  # fmt: skip
-                path = ("bf16 stochastic rounding (torch ops)" if dt == torch.bfloat16
-                        else "backend accumulate_many_")  # fmt: skip
+                est = po.ImportanceEstimator(
+                    mod, method="piece-s", exclude=(), accum_dtype=dt, backend=name
+                )
+                path = (
+                    "backend accumulate_many_, stochastic rounding"
+                    if dt == torch.bfloat16
+                    else "backend accumulate_many_"
+                )
 
                 def give_grad(mod=mod, g=g) -> None:
                     mod.w.grad = g
 
                 t = timed(est.collect, setup=give_grad, slow=not tiny)
-                rows.add("gpu_collect", name, t, baseline="torch add_+addcmul_",
-                         baseline_timing=base_acc, bytes_moved=acc_bytes, path=path,
-                         **common)  # fmt: skip
+                rows.add(
+                    "gpu_collect",
+                    name,
+                    t,
+                    baseline="torch add_+addcmul_",
+                    baseline_timing=base_acc,
+                    bytes_moved=acc_bytes,
+                    path=path,
+                    **common,
+                )
                 t = timed(lambda est=est: est.select(ratio=RATIO), slow=not tiny)
                 if n == sizes[0] and dname == "fp32":
                     _profile(
@@ -258,11 +320,18 @@ def run_select(sizes: Sequence[int], device: torch.device, out: Path, tiny: bool
                         lambda est=est: est.select(ratio=RATIO),
                         device,
                     )
-                rows.add("gpu_est_select", name, t, k=k, ratio=RATIO,
-                         baseline="torch.topk(scores)", baseline_timing=base_topk,
-                         bytes_moved=3 * 2 * es * n + 4 * k,
-                         note="baseline timed on the gpu_select row's scores",
-                         **common)  # fmt: skip
+                rows.add(
+                    "gpu_est_select",
+                    name,
+                    t,
+                    k=k,
+                    ratio=RATIO,
+                    baseline="torch.topk(scores)",
+                    baseline_timing=base_topk,
+                    bytes_moved=3 * 2 * es * n + 4 * k,
+                    note="baseline timed on the gpu_select row's scores",
+                    **common,
+                )
                 est.close()
                 del est, mod
                 _free(device)
@@ -298,8 +367,14 @@ def run_step(n: int, device: torch.device, out: Path, tiny: bool) -> int:
         dense.step()  # allocates the state
         base = timed(dense.step)
         dense_bytes = n * (ps * 3 + ps * 2 * 2)  # read p, g, m, v; write p, m, v (state: p's dtype)
-        rows.add("gpu_dense_adamw", "torch.optim.AdamW(fused)", base, n=n, dtype=dname,
-                 bytes_moved=dense_bytes)  # fmt: skip
+        rows.add(
+            "gpu_dense_adamw",
+            "torch.optim.AdamW(fused)",
+            base,
+            n=n,
+            dtype=dname,
+            bytes_moved=dense_bytes,
+        )
         del dense
         p.grad = None
         _free(device)
@@ -309,23 +384,46 @@ def run_step(n: int, device: torch.device, out: Path, tiny: bool) -> int:
             m = torch.randn(k, device=device, generator=gen).mul_(1e-3)
             v = torch.rand(k, device=device, generator=gen).mul_(1e-6)
             w = p.detach()[idx.long()].float() if master else None
-            t = timed(lambda be=be, p=p, grad=grad, m=m, v=v, w=w: be.adamw_step_(
-                p.data, grad, idx, m, v, w, step=10, **_HP))  # fmt: skip
-            rows.add("gpu_step", name, t, n=n, k=k, ratio=k / n, dtype=dname,
-                     baseline="torch.optim.AdamW(fused, dense N)", baseline_timing=base,
-                     bytes_moved=_step_bytes(k, ps, master))  # fmt: skip
+            sc = F.adamw_scalars(**_HP, step=10)
+            t = timed(
+                lambda be=be, p=p, grad=grad, m=m, v=v, w=w, sc=sc: be.adamw_step_many_(
+                    [p.data], [grad], [idx], [m], [v], [w], [sc]
+                )
+            )
+            rows.add(
+                "gpu_step",
+                name,
+                t,
+                n=n,
+                k=k,
+                ratio=k / n,
+                dtype=dname,
+                baseline="torch.optim.AdamW(fused, dense N)",
+                baseline_timing=base,
+                bytes_moved=_step_bytes(k, ps, master),
+            )
             del m, v, w
-            opt = po.SparseAdamW([("w", p)], mask={"w": idx}, lr=1e-3, weight_decay=1e-2,
-                                 backend=name)  # fmt: skip
+            opt = po.SparseAdamW(
+                [("w", p)], mask={"w": idx}, lr=1e-3, weight_decay=1e-2, backend=name
+            )
 
             def give_grad(p=p, grad=grad) -> None:
                 p.grad = grad
 
             t = timed(opt.step, setup=give_grad)
-            rows.add("gpu_opt_step", name, t, n=n, k=k, ratio=k / n, dtype=dname,
-                     baseline="torch.optim.AdamW(fused, dense N)", baseline_timing=base,
-                     bytes_moved=_step_bytes(k, ps, master),
-                     state_mib=opt.state_bytes() / MIB)  # fmt: skip
+            rows.add(
+                "gpu_opt_step",
+                name,
+                t,
+                n=n,
+                k=k,
+                ratio=k / n,
+                dtype=dname,
+                baseline="torch.optim.AdamW(fused, dense N)",
+                baseline_timing=base,
+                bytes_moved=_step_bytes(k, ps, master),
+                state_mib=opt.state_bytes() / MIB,
+            )
             p.grad = None
             del opt
             _free(device)
@@ -382,8 +480,9 @@ def _memory_phase(
         times.append((time.perf_counter() - t0) * 1e3)
 
     if phase == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95),
-                                weight_decay=0.0, fused=True)  # fmt: skip
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True
+        )
 
         def step() -> None:
             model(input_ids=x, labels=x).loss.backward()
@@ -395,8 +494,9 @@ def _memory_phase(
         state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
         extra["state_mib"] = sum(t.numel() * t.element_size() for t in state) / MIB
     elif phase == "estimate":
-        est = po.ImportanceEstimator(model, method="piece-s", in_backward=True,
-                                     accum_dtype=torch.bfloat16, backend=name)  # fmt: skip
+        est = po.ImportanceEstimator(
+            model, method="piece-s", in_backward=True, accum_dtype=torch.bfloat16, backend=name
+        )
         try:
             for _ in range(steps):
                 clock(lambda: model(input_ids=x, labels=x).loss.backward())
@@ -410,9 +510,15 @@ def _memory_phase(
         finally:
             est.close()
     else:
-        sopt = po.SparseAdamW(model.named_parameters(), mask=masks.pop(name), lr=1e-5,
-                              betas=(0.9, 0.95), weight_decay=0.0, sparse_grads=True,
-                              backend=name)  # fmt: skip
+        sopt = po.SparseAdamW(
+            model.named_parameters(),
+            mask=masks.pop(name),
+            lr=1e-5,
+            betas=(0.9, 0.95),
+            weight_decay=0.0,
+            sparse_grads=True,
+            backend=name,
+        )
 
         def sstep() -> None:
             model(input_ids=x, labels=x).loss.backward()
@@ -471,11 +577,22 @@ def run_memory(device: torch.device, out: Path, tiny: bool, steps: int = 3) -> i
             adamw_peak = peak
         if adamw_peak and peak:
             extra["peak_vs_adamw"] = peak / adamw_peak
-        rows.add("gpu_memory", name, timing, n=n_params, phase=phase, peak_mem_mib=peak,
-                 dtype="bf16", weights_mib=base, growth_mib=peak - base, steps=steps,
-                 tokens=batch * seq, throughput=batch * seq / (timing.median_ms * 1e-3)
-                 if timing.median_ms else "", throughput_unit="tokens/s",
-                 **extra)  # fmt: skip
+        rows.add(
+            "gpu_memory",
+            name,
+            timing,
+            n=n_params,
+            phase=phase,
+            peak_mem_mib=peak,
+            dtype="bf16",
+            weights_mib=base,
+            growth_mib=peak - base,
+            steps=steps,
+            tokens=batch * seq,
+            throughput=batch * seq / (timing.median_ms * 1e-3) if timing.median_ms else "",
+            throughput_unit="tokens/s",
+            **extra,
+        )
     return rows.count
 
 
@@ -508,22 +625,34 @@ def table(rows: Sequence[dict[str, str]]) -> str:
         return "(no GPU benchmark rows)"
     first = rows[0]
     x0 = _x(first)
-    out = [f"GPU: {first['device']}, driver {x0.get('driver', '?')}, CUDA {x0.get('cuda', '?')}, "
-           f"torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
-           f"{first['timestamp'][:10]}."]  # fmt: skip
+    out = [
+        f"GPU: {first['device']}, driver {x0.get('driver', '?')}, CUDA {x0.get('cuda', '?')}, "
+        f"torch {first['torch']}, triton {first['triton']}, commit {first['commit']}, "
+        f"{first['timestamp'][:10]}."
+    ]
 
     def pick(bench: str, backend: str, n: str, dtype: str) -> dict[str, str] | None:
-        hit = [r for r in rows if r["benchmark"] == bench and r["backend"] == backend
-               and r["n"] == n and _x(r).get("dtype") == dtype]  # fmt: skip
+        hit = [
+            r
+            for r in rows
+            if r["benchmark"] == bench
+            and r["backend"] == backend
+            and r["n"] == n
+            and _x(r).get("dtype") == dtype
+        ]
         return hit[-1] if hit else None
 
     sel = [r for r in rows if r["benchmark"] == "gpu_select"]
     if sel:
-        out += ["", "Importance: accumulate one term, then the exact top 0.1% (PIECE-S).",
-                "", "| N | sums | backend | accumulate GB/s (of copy) | select ms | torch.topk ms "
-                "| select vs topk | select GB/s (of copy) | estimator collect ms | estimator "
-                "select ms (vs topk) | check |",
-                "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        out += [
+            "",
+            "Importance: accumulate one term, then the exact top 0.1% (PIECE-S).",
+            "",
+            "| N | sums | backend | accumulate GB/s (of copy) | select ms | torch.topk ms "
+            "| select vs topk | select GB/s (of copy) | estimator collect ms | estimator "
+            "select ms (vs topk) | check |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in sel:
             d = _x(r).get("dtype", "")
             acc = pick("gpu_accumulate", r["backend"], r["n"], d) or {}
@@ -539,15 +668,21 @@ def table(rows: Sequence[dict[str, str]]) -> str:
             )
         cp = [r for r in rows if r["benchmark"] == "gpu_copy"]
         out.append("")
-        out.append("Copy bandwidth (read + write) in the same run: " + ", ".join(
-            f"{_g(r['gbps'], '.0f')} GB/s at N={_n(r['n'])}" for r in cp) + ".")  # fmt: skip
+        out.append(
+            "Copy bandwidth (read + write) in the same run: "
+            + ", ".join(f"{_g(r['gbps'], '.0f')} GB/s at N={_n(r['n'])}" for r in cp)
+            + "."
+        )
     st = [r for r in rows if r["benchmark"] in ("gpu_step", "gpu_opt_step")]
     if st:
-        out += ["", "Sparse AdamW step, k = 0.1% of N, against dense "
-                "`torch.optim.AdamW(fused=True)` on N.", "",
-                "| N | params | backend | kernel ms | SparseAdamW.step ms | dense fused AdamW ms "
-                "| speedup kernel / optimizer | kernel GB/s |",
-                "|---:|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        out += [
+            "",
+            "Sparse AdamW step, k = 0.1% of N, against dense `torch.optim.AdamW(fused=True)` on N.",
+            "",
+            "| N | params | backend | kernel ms | SparseAdamW.step ms | dense fused AdamW ms "
+            "| speedup kernel / optimizer | kernel GB/s |",
+            "|---:|---|---|---:|---:|---:|---:|---:|",
+        ]
         for r in [r for r in st if r["benchmark"] == "gpu_step"]:
             d = _x(r).get("dtype", "")
             o = pick("gpu_opt_step", r["backend"], r["n"], d) or {}
@@ -559,11 +694,15 @@ def table(rows: Sequence[dict[str, str]]) -> str:
     mem = [r for r in rows if r["benchmark"] == "gpu_memory"]
     if mem:
         m0 = _x(mem[0])
-        out += ["", f"Fine-tuning memory: {int(mem[0]['n']) / 1e9:.2f}B-param LLaMA, bf16, "
-                f"batch {m0.get('tokens', '?')} tokens, peak `torch.cuda.max_memory_allocated` "
-                "(weights included).", "",
-                "| phase | backend | peak GiB | vs AdamW | weights GiB | state MiB | ms/step |",
-                "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        out += [
+            "",
+            f"Fine-tuning memory: {int(mem[0]['n']) / 1e9:.2f}B-param LLaMA, bf16, "
+            f"batch {m0.get('tokens', '?')} tokens, peak `torch.cuda.max_memory_allocated` "
+            "(weights included).",
+            "",
+            "| phase | backend | peak GiB | vs AdamW | weights GiB | state MiB | ms/step |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for r in mem:
             x = _x(r)
             err = f" (error: {x['error'][:60]})" if "error" in x else ""
@@ -592,8 +731,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("phase", choices=("select", "step", "memory", "table"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu"))
-    ap.add_argument("--sizes", type=_size, nargs="+", default=list(SIZES),
-                    help="N for select; the largest is step's N (default 1e8 1e9)")  # fmt: skip
+    ap.add_argument(
+        "--sizes",
+        type=_size,
+        nargs="+",
+        default=list(SIZES),
+        help="N for select; the largest is step's N (default 1e8 1e9)",
+    )
     ap.add_argument("--tiny", action="store_true", help="toy sizes: the dry run on a CPU")
     ap.add_argument("--since", help="table: only rows with timestamp >= this (ISO, UTC)")
     args = ap.parse_args(argv)
@@ -610,8 +754,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("benchmarks.gpu: --device cuda but torch sees no GPU", file=sys.stderr)
         return 2
     if not backends_for(device):
-        print(f"benchmarks.gpu: no backend runs on {device} under PIECE_OPTIM_BACKEND="
-              f"{os.environ.get('PIECE_OPTIM_BACKEND')!r}", file=sys.stderr)  # fmt: skip
+        print(
+            f"benchmarks.gpu: no backend runs on {device} under PIECE_OPTIM_BACKEND="
+            f"{os.environ.get('PIECE_OPTIM_BACKEND')!r}",
+            file=sys.stderr,
+        )
         return 2
     sizes = [TINY_SIZE] if args.tiny else sorted(args.sizes)
     t0 = time.perf_counter()

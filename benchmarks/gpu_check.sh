@@ -9,7 +9,7 @@
 # or timed-out stage never stops the later ones.  Estimates on an H200 in brackets.
 #   env           (30 s cap)  nvidia-smi, python / torch / triton / CUDA / nvcc versions [5 s]
 #   build         (200 s)     pip install --no-build-isolation --no-deps -e . with
-#                             PIECE_FORCE_BUILD=1, for this GPU's arch only (e.g. 9.0), 16
+#                             PIECE_OPTIM_FORCE_BUILD=1, for this GPU's arch only (e.g. 9.0), 16
 #                             jobs: 6 translation units (3 .cu, 3 .cpp) [60-120 s]; on
 #                             failure, an install without the extension so the Triton
 #                             stages still run
@@ -83,7 +83,7 @@ START=$SECONDS
 MIN_STAGE=25
 export PYTHONUNBUFFERED=1
 # The GPU stages must fail, not quietly JIT-build a CPU-only extension, if the build failed.
-export PIECE_NO_JIT=1
+export PIECE_OPTIM_NO_JIT=1
 
 # stage NAME CAP CMD...: run CMD under timeout min(CAP, time left), log it, record the result.
 stage() {
@@ -138,7 +138,7 @@ if [ "$DRY_RUN" = 1 ]; then
   stage env 30 bash -c "(command -v nvidia-smi >/dev/null && nvidia-smi) || echo 'no nvidia-smi'; \
 (command -v nvcc >/dev/null && nvcc --version | tail -2) || echo 'no nvcc'; $PY -c '$ENV_PY'"
   # Only the arch the build would use: there is no GPU (and no CUDA torch) to build for.
-  stage build 60 env PIECE_CUDA_ARCH_LIST=9.0 $PY -c "import csrc_build, pathlib; \
+  stage build 60 env PIECE_OPTIM_CUDA_ARCH_LIST=9.0 $PY -c "import csrc_build, pathlib; \
 print('arch', csrc_build.cuda_arch_list(), 'sources', csrc_build.cpu_sources(pathlib.Path('.')) \
 + csrc_build.cuda_sources(pathlib.Path('.')), 'cuda', csrc_build.cuda_wanted())"
   stage backends 40 $PY -c "import piece_optim as p; print(p.available_backends('cpu'))"
@@ -159,17 +159,18 @@ print(\"CUDA_HOME\", c.CUDA_HOME)' && $PY -c '$ENV_PY' \
   ARCH=$($PY -c "import torch; c=torch.cuda.get_device_capability(0); print(f'{c[0]}.{c[1]}')" \
     2>/dev/null || echo "")
   # -v: setuptools prints the compiler lines; they go to build.log, not the main log
-  stage build 200 bash -c "env PIECE_FORCE_BUILD=1 ${ARCH:+PIECE_CUDA_ARCH_LIST=$ARCH} \
+  stage build 200 bash -c "env PIECE_OPTIM_FORCE_BUILD=1 ${ARCH:+PIECE_OPTIM_CUDA_ARCH_LIST=$ARCH} \
 MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -v -e . \
 > '$OUT_DIR/build.log' 2>&1; rc=\$?; tail -25 '$OUT_DIR/build.log'; exit \$rc"
   if ! grep -q '^build pass' "$SUMMARY"; then
     # Without the extension the Triton stages can still run: install the Python package.
-    stage install-no-ext 60 env PIECE_SKIP_BUILD=1 $PY -m pip install --no-build-isolation \
+    stage install-no-ext 60 env PIECE_OPTIM_SKIP_BUILD=1 $PY -m pip install --no-build-isolation \
       --no-deps -q -e .
   fi
-  stage backends 40 $PY -c "import piece_optim as p, piece_optim._ext as e; b = p.available_backends('cuda'); \
-print('available for cuda:', b); from piece_optim import _backends as B; print('load errors:', B._load_errors); \
-print('auto picks:', B.get_backend('auto', 'cuda').name, '| extension:', e.load()); \
+  stage backends 40 $PY -c "import torch, piece_optim as p; from piece_optim import backends as B; \
+b = p.available_backends('cuda'); print('available for cuda:', b); \
+print('why not:', {k: v for k, v in B.explain('adamw', 'cuda', (torch.float32,) * 2).items() if v}); \
+print('auto picks:', B.get_backend('auto', 'cuda').name, '|', B.load('cuda')); \
 missing = {'triton', 'cuda'} - set(b); assert not missing, f'not loaded: {missing}'"
   # 60 s per test (pytest-timeout) bounds a hung kernel; 4 xdist workers share the ~60
   # one-off Triton compilations (CPU-bound, 16 cores here) when pytest-xdist is there.

@@ -184,8 +184,15 @@ def time_device(
     """
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type != "cuda":
-        return time_fn(fn, warmup=warmup, repeats=repeats, device=dev, setup=setup,
-                       min_time_s=min_time_s, max_repeats=max_repeats)  # fmt: skip
+        return time_fn(
+            fn,
+            warmup=warmup,
+            repeats=repeats,
+            device=dev,
+            setup=setup,
+            min_time_s=min_time_s,
+            max_repeats=max_repeats,
+        )
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be >= 1")
     for _ in range(warmup):
@@ -239,10 +246,21 @@ def git_commit(repo: Path = REPO) -> str:
     fallback = os.environ.get("PIECE_OPTIM_COMMIT", "").strip()
     fallback = f"{fallback} (env)" if fallback else "unknown"
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo,
-                             capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True, timeout=10)  # fmt: skip
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return fallback
     commit = rev.stdout.strip() or fallback
@@ -290,8 +308,9 @@ def make_row(
     goes into the ``extra`` JSON column.
     """
     row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
-    row.update(benchmark=benchmark, backend=backend, time_ms=timing.median_ms,
-               spread_ms=timing.spread_ms)  # fmt: skip
+    row.update(
+        benchmark=benchmark, backend=backend, time_ms=timing.median_ms, spread_ms=timing.spread_ms
+    )
     if n is not None:
         row["n"] = int(n)
     if k is not None:

@@ -31,7 +31,7 @@ Phases (batch 1 x 64 tokens, a few steps each):
 
 Also printed: the overlap of the top-0.1% masks selected with bf16 and with fp32
 accumulators on the same batches (in-process, not a memory figure), and the bytes per
-parameter of each phase for a 7B bf16 model from the memory model in DESIGN.md.
+parameter of each phase for a 7B bf16 model from the memory model in docs/memory.md.
 """
 
 from __future__ import annotations
@@ -50,9 +50,16 @@ import time
 
 PHASES = ("adamw", "estimate_fp32", "estimate_bf16", "train_sparse")
 RATIO = 1e-3
-CONFIG = dict(vocab_size=16000, hidden_size=384, intermediate_size=1024, num_hidden_layers=10,
-              num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=128,
-              tie_word_embeddings=False)  # fmt: skip
+CONFIG = dict(
+    vocab_size=16000,
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=10,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 BATCH, SEQ = 1, 64
 MIB = 1024.0**2
 
@@ -157,19 +164,23 @@ def run_phase(phase: str, steps: int) -> dict:
     extra: dict = {}
     with PeakRSS() as meter:
         if phase == "adamw":
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95),
-                                    weight_decay=0.0, fused=True)  # fmt: skip
+            opt = torch.optim.AdamW(
+                model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True
+            )
             for i in range(steps):
                 x = _batch(i)
                 model(input_ids=x, labels=x).loss.backward()
                 opt.step()
                 opt.zero_grad()
-            extra["state_bytes"] = sum(t.numel() * t.element_size() for s in opt.state.values()
-                                       for t in s.values() if torch.is_tensor(t))  # fmt: skip
+            extra["state_bytes"] = sum(
+                t.numel() * t.element_size()
+                for s in opt.state.values()
+                for t in s.values()
+                if torch.is_tensor(t)
+            )
         elif phase in ("estimate_fp32", "estimate_bf16"):
             dt = torch.float32 if phase == "estimate_fp32" else torch.bfloat16
-            est = po.ImportanceEstimator(model, method="piece-s", in_backward=True,
-                                         accum_dtype=dt)  # fmt: skip
+            est = po.ImportanceEstimator(model, method="piece-s", in_backward=True, accum_dtype=dt)
             for i in range(steps):
                 x = _batch(i)
                 model(input_ids=x, labels=x).loss.backward()
@@ -178,8 +189,14 @@ def run_phase(phase: str, steps: int) -> dict:
             extra["state_bytes"] = est.state_bytes()
             est.close()
         elif phase == "train_sparse":
-            opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=1e-5, betas=(0.9, 0.95),
-                                 weight_decay=0.0, sparse_grads=True)  # fmt: skip
+            opt = po.SparseAdamW(
+                model.named_parameters(),
+                mask=mask,
+                lr=1e-5,
+                betas=(0.9, 0.95),
+                weight_decay=0.0,
+                sparse_grads=True,
+            )
             for i in range(steps):
                 x = _batch(i)
                 model(input_ids=x, labels=x).loss.backward()
@@ -190,54 +207,80 @@ def run_phase(phase: str, steps: int) -> dict:
             opt.close()
         else:
             raise ValueError(f"unknown phase {phase!r}; choose from {PHASES}")
-    return dict(phase=phase, peak_growth_mib=meter.growth / MIB, base_rss_mib=meter.base / MIB,
-                measure=meter.measure, params=n_params, steps=steps, batch=f"{BATCH}x{SEQ}",
-                state_mib=extra["state_bytes"] / MIB)  # fmt: skip
+    return dict(
+        phase=phase,
+        peak_growth_mib=meter.growth / MIB,
+        base_rss_mib=meter.base / MIB,
+        measure=meter.measure,
+        params=n_params,
+        steps=steps,
+        batch=f"{BATCH}x{SEQ}",
+        state_mib=extra["state_bytes"] / MIB,
+    )
 
 
 def _overlap(a, b) -> float:
     import torch
 
-    common = sum(int(torch.isin(a[n].long(), b[n].long()).sum())
-                 for n in a.names() if n in b.names())  # fmt: skip
+    common = sum(
+        int(torch.isin(a[n].long(), b[n].long()).sum()) for n in a.names() if n in b.names()
+    )
     return common / a.numel_selected()
 
 
 def mask_overlap(n_batches: int) -> dict:
     """Overlap of the top-0.1% PIECE-S masks with bf16 vs fp32 accumulators, same batches.
 
-    bf16 with stochastic rounding (the default) and with round-to-nearest (the backend's
-    plain bf16 store), both against fp32.  All three fold the same gradients (one
-    backward per batch, ``collect()`` into each), so only the accumulation differs.
+    bf16 with stochastic rounding (what the estimator does) and with round-to-nearest (the
+    same sums folded by ``piece_optim.functional.accumulate_`` without rounding keys),
+    both against fp32.  All three fold the same gradients (one backward per batch), so
+    only the accumulation differs.
     """
     import torch
 
     import piece_optim as po
+    from piece_optim import functional as F
 
     model = build_model()
-    ests = {}
-    for label, dt, stochastic in (("fp32", torch.float32, True),
-                                  ("bf16_sr", torch.bfloat16, True),
-                                  ("bf16_rne", torch.bfloat16, False)):  # fmt: skip
-        ests[label] = po.ImportanceEstimator(model, method="piece-s", accum_dtype=dt)
-        ests[label]._bf16_stochastic = stochastic
-    params = [p for p in model.parameters() if p.requires_grad]
-    for i in range(n_batches):  # one backward per batch, folded into all three estimators
+    ests = {
+        label: po.ImportanceEstimator(model, method="piece-s", accum_dtype=dt)
+        for label, dt in (("fp32", torch.float32), ("bf16_sr", torch.bfloat16))
+    }
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    eligible = [(n, p) for n, p in named if p.numel() and "embed" not in n]
+    rne = [
+        (torch.zeros(p.numel(), dtype=torch.bfloat16), torch.zeros(p.numel(), dtype=torch.bfloat16))
+        for _, p in eligible
+    ]
+    for i in range(n_batches):  # one backward per batch, folded into all three
         x = _batch(i)
         model(input_ids=x, labels=x).loss.backward()
-        grads = [p.grad for p in params]
+        grads = {n: p.grad for n, p in named}
+        with torch.no_grad():
+            F.accumulate_([grads[n] for n, _ in eligible], [s[0] for s in rne], [s[1] for s in rne])
         for est in ests.values():
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
+            for n, p in named:
+                p.grad = grads[n]
             est.collect()
         print(f"overlap: batch {i + 1}/{n_batches}", file=sys.stderr, flush=True)
     masks = {label: est.select(ratio=RATIO) for label, est in ests.items()}
-    return dict(phase="overlap_bf16_vs_fp32", batches=n_batches, k=masks["fp32"].numel_selected(),
-                overlap=_overlap(masks["fp32"], masks["bf16_sr"]),
-                overlap_round_nearest=_overlap(masks["fp32"], masks["bf16_rne"]))  # fmt: skip
+    k = masks["fp32"].numel_selected()
+    idx = F.select_topk([s[0] for s in rne], [s[1] for s in rne], k, "piece-s", 1.0)
+    masks["bf16_rne"] = po.SparseMask(
+        {n: i for (n, _), i in zip(eligible, idx, strict=True) if i.numel()},
+        {n: tuple(p.shape) for n, p in eligible},
+        masks["fp32"].numel_total(),
+    )
+    return dict(
+        phase="overlap_bf16_vs_fp32",
+        batches=n_batches,
+        k=k,
+        overlap=_overlap(masks["fp32"], masks["bf16_sr"]),
+        overlap_round_nearest=_overlap(masks["fp32"], masks["bf16_rne"]),
+    )
 
 
-# -- the memory model (DESIGN.md) ----------------------------------------------------------
+# -- the memory model (docs/memory.md) -------------------------------------------------------
 def memory_model_7b(ratio: float = RATIO) -> list[tuple[str, float]]:
     """Bytes per parameter on top of the bf16 weights (2 B), for each phase."""
     return [
@@ -245,9 +288,11 @@ def memory_model_7b(ratio: float = RATIO) -> list[tuple[str, float]]:
         ("PIECE estimation, fp32 accumulators (sum g, sum g^2)", 8),
         ("PIECE estimation, bf16 accumulators", 4),
         # the SparseGrad holds bf16 values, as the dense bf16 .grad would
-        (f"PIECE training, sparse_grads, r={ratio:g} (idx 4 + m,v 8 + master 4 + grad 2)",
-         ratio * (4 + 8 + 4 + 2)),
-    ]  # fmt: skip
+        (
+            f"PIECE training, sparse_grads, r={ratio:g} (idx 4 + m,v 8 + master 4 + grad 2)",
+            ratio * (4 + 8 + 4 + 2),
+        ),
+    ]
 
 
 # -- driver --------------------------------------------------------------------------------
@@ -257,8 +302,13 @@ def _hardware() -> str:
 
 def _spawn(args: list[str]) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env,
-                         check=True, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -269,7 +319,7 @@ def run(quick: bool = False) -> list[dict]:
     """
     import torch
 
-    from piece_optim._backends import get_backend
+    from piece_optim.backends import get_backend
 
     steps = 2 if quick else 4
     rows = []
@@ -281,26 +331,36 @@ def run(quick: bool = False) -> list[dict]:
     for r in rows:
         r["ratio_vs_adamw"] = r["peak_growth_mib"] / adamw
     rows.append(_spawn(["--overlap", str(8 if quick else 32)]))
-    common = dict(bench="memory", hardware=_hardware(), torch=torch.__version__,
-                  backend=get_backend("auto", torch.device("cpu")).name)  # fmt: skip
+    common = dict(
+        bench="memory",
+        hardware=_hardware(),
+        torch=torch.__version__,
+        backend=get_backend("auto", torch.device("cpu")).name,
+    )
     return [dict(r, **common) for r in rows]
 
 
 def _print(rows: list[dict]) -> None:
     mem = [r for r in rows if "peak_growth_mib" in r]
-    print(f"# {mem[0]['params'] / 1e6:.1f}M-param LLaMA, fp32, batch {mem[0]['batch']}, "
-          f"{mem[0]['steps']} steps, {rows[0]['hardware']}, torch {rows[0]['torch']}, "
-          f"backend {rows[0]['backend']}; measure: {mem[0]['measure']}")  # fmt: skip
+    print(
+        f"# {mem[0]['params'] / 1e6:.1f}M-param LLaMA, fp32, batch {mem[0]['batch']}, "
+        f"{mem[0]['steps']} steps, {rows[0]['hardware']}, torch {rows[0]['torch']}, "
+        f"backend {rows[0]['backend']}; measure: {mem[0]['measure']}"
+    )
     print(f"{'phase':<16}{'peak growth MiB':>16}{'vs AdamW':>10}{'state MiB':>11}")
     for r in mem:
-        print(f"{r['phase']:<16}{r['peak_growth_mib']:>16.1f}{r['ratio_vs_adamw']:>10.3f}"
-              f"{r['state_mib']:>11.2f}")  # fmt: skip
+        print(
+            f"{r['phase']:<16}{r['peak_growth_mib']:>16.1f}{r['ratio_vs_adamw']:>10.3f}"
+            f"{r['state_mib']:>11.2f}"
+        )
     for r in rows:
         if r["phase"].startswith("overlap"):
-            print(f"mask overlap bf16 vs fp32 accumulators at ratio {RATIO:g} "
-                  f"({r['batches']} batches, k={r['k']}): {100 * r['overlap']:.1f}% with "
-                  "stochastic rounding (default), "
-                  f"{100 * r['overlap_round_nearest']:.1f}% with round-to-nearest")  # fmt: skip
+            print(
+                f"mask overlap bf16 vs fp32 accumulators at ratio {RATIO:g} "
+                f"({r['batches']} batches, k={r['k']}): {100 * r['overlap']:.1f}% with "
+                "stochastic rounding (default), "
+                f"{100 * r['overlap_round_nearest']:.1f}% with round-to-nearest"
+            )
     print("7B bf16 model, memory model (bytes/param on top of the 2 B weights; GiB at 7e9):")
     for what, b in memory_model_7b():
         print(f"  {what:<72}{b:>8.3f} B/param {b * 7e9 / 1024**3:>8.2f} GiB")

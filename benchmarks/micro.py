@@ -37,9 +37,9 @@ from typing import Any
 import torch
 
 import piece_optim
-from piece_optim import _reference as ref
-from piece_optim._backends import get_backend
-from piece_optim._select import ScoreSource, global_topk
+from piece_optim import functional as F
+from piece_optim.backends import get_backend
+from piece_optim.backends import reference as ref
 
 from .harness import Timing, append_rows, make_row, measure_copy, provenance, time_fn
 
@@ -53,6 +53,7 @@ BENCHMARKS = ("copy", "accumulate", "step", "select", "compaction")
 # is orders of magnitude slower than topk; above this N the GPU check skips that baseline.
 KTHVALUE_CUDA_MAX_N = 100_000_000
 _HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+_SCALARS = F.adamw_scalars(**_HP, step=10)
 
 
 def backends_to_run(device: torch.device | str) -> list[str]:
@@ -83,8 +84,9 @@ def _bits(x: float) -> int:
     return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
 
 
-def _dense_adamw_timing(n: int, device: torch.device, kind: str, warmup: int,
-                        repeats: int) -> Timing | None:  # fmt: skip
+def _dense_adamw_timing(
+    n: int, device: torch.device, kind: str, warmup: int, repeats: int
+) -> Timing | None:
     """torch.optim.AdamW on one dense N-element param; None if this torch lacks ``kind``."""
     p = torch.nn.Parameter(torch.randn(n, device=device))
     p.grad = torch.randn(n, device=device)
@@ -97,16 +99,24 @@ def _dense_adamw_timing(n: int, device: torch.device, kind: str, warmup: int,
     return time_fn(opt.step, warmup=warmup, repeats=repeats, device=device)
 
 
-def _bench_n(n: int, names: Sequence[str], ratios: Sequence[float],
-             benchmarks: Sequence[str], device: torch.device, prov: dict[str, str],
-             kw: dict[str, Any], tick: Callable[[str], None]) -> list[dict[str, Any]]:  # fmt: skip
+def _bench_n(
+    n: int,
+    names: Sequence[str],
+    ratios: Sequence[float],
+    benchmarks: Sequence[str],
+    device: torch.device,
+    prov: dict[str, str],
+    kw: dict[str, Any],
+    tick: Callable[[str], None],
+) -> list[dict[str, Any]]:
     """All rows for one N (its tensors are freed when this returns)."""
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device=device).manual_seed(n)
     t, copy_gbps = measure_copy(n, device, repeats=kw["repeats"])
     if "copy" in benchmarks:
-        rows.append(make_row("copy", "torch", t, prov=prov, n=n, bytes_moved=8 * n,
-                             copy_gbps=copy_gbps))  # fmt: skip
+        rows.append(
+            make_row("copy", "torch", t, prov=prov, n=n, bytes_moved=8 * n, copy_gbps=copy_gbps)
+        )
         tick(f"copy n={n}")
     grad = torch.randn(n, generator=gen, device=device)
     sum_g = torch.randn(n, generator=gen, device=device)
@@ -128,13 +138,16 @@ def _bench_n(n: int, names: Sequence[str], ratios: Sequence[float],
                 lambda k=k: torch.topk(ref.score(sum_g, sum_g2, "piece-s", 1.0), k), **kw
             )
             if device.type == "cuda" and n > KTHVALUE_CUDA_MAX_N:
-                print(f"  (skipping the torch.kthvalue baseline at N={n} on CUDA: it runs one "
-                      "thread block per slice, far too slow for this check)")  # fmt: skip
+                print(
+                    f"  (skipping the torch.kthvalue baseline at N={n} on CUDA: it runs one "
+                    "thread block per slice, far too slow for this check)"
+                )
                 base[f"kth{ratio}"] = None
             else:
                 base[f"kth{ratio}"] = time_fn(
-                    lambda k=k: torch.kthvalue(ref.score(sum_g, sum_g2, "piece-s", 1.0),
-                                               n - k + 1), **kw)  # fmt: skip
+                    lambda k=k: torch.kthvalue(ref.score(sum_g, sum_g2, "piece-s", 1.0), n - k + 1),
+                    **kw,
+                )
         if "compaction" in benchmarks:
             v = _kth_largest(scores, k)
             base[f"nz{ratio}"] = time_fn(lambda v=v: torch.nonzero(scores >= v), **kw)
@@ -143,11 +156,20 @@ def _bench_n(n: int, names: Sequence[str], ratios: Sequence[float],
         be = get_backend(name, device)
         if "accumulate" in benchmarks:
             a1, a2 = sum_g.clone(), sum_g2.clone()
-            t = time_fn(lambda be=be, a1=a1, a2=a2: be.accumulate_(grad, a1, a2), **kw)
-            rows.append(make_row("accumulate", name, t, prov=prov, n=n,
-                                 baseline="torch eager add_+addcmul_",
-                                 baseline_timing=base["eager"], bytes_moved=20 * n,
-                                 copy_gbps=copy_gbps))  # fmt: skip
+            t = time_fn(lambda be=be, a1=a1, a2=a2: be.accumulate_many_([grad], [a1], [a2]), **kw)
+            rows.append(
+                make_row(
+                    "accumulate",
+                    name,
+                    t,
+                    prov=prov,
+                    n=n,
+                    baseline="torch eager add_+addcmul_",
+                    baseline_timing=base["eager"],
+                    bytes_moved=20 * n,
+                    copy_gbps=copy_gbps,
+                )
+            )
             tick(f"accumulate {name} n={n}")
         for ratio in ratios:
             k = _k_for(n, ratio)
@@ -156,39 +178,80 @@ def _bench_n(n: int, names: Sequence[str], ratios: Sequence[float],
                 param = torch.randn(n, device=device)
                 m = torch.randn(k, device=device) * 1e-3
                 v = torch.rand(k, device=device) * 1e-6
-                t = time_fn(lambda be=be, idx=idx, param=param, m=m, v=v: be.adamw_step_(
-                    param, grad, idx, m, v, None, step=10, **_HP), **kw)  # fmt: skip
+                t = time_fn(
+                    lambda be=be, idx=idx, param=param, m=m, v=v: be.adamw_step_many_(
+                        [param], [grad], [idx], [m], [v], [None], [_SCALARS]
+                    ),
+                    **kw,
+                )
                 for kind in ("fused", "foreach"):
                     if base[kind] is None:
                         continue
-                    rows.append(make_row("step", name, t, prov=prov, n=n, k=k, ratio=ratio,
-                                         baseline=f"torch.optim.AdamW({kind}, dense N)",
-                                         baseline_timing=base[kind], bytes_moved=32 * k,
-                                         copy_gbps=copy_gbps))  # fmt: skip
+                    rows.append(
+                        make_row(
+                            "step",
+                            name,
+                            t,
+                            prov=prov,
+                            n=n,
+                            k=k,
+                            ratio=ratio,
+                            baseline=f"torch.optim.AdamW({kind}, dense N)",
+                            baseline_timing=base[kind],
+                            bytes_moved=32 * k,
+                            copy_gbps=copy_gbps,
+                        )
+                    )
                 tick(f"step {name} n={n} r={ratio}")
             if "select" in benchmarks:
-                src = [ScoreSource(sum_g, sum_g2, n, torch.int32, be)]
-                t = time_fn(lambda src=src, k=k: global_topk(src, k, "piece-s", 1.0), **kw)
-                for key, label in ((f"topk{ratio}", "score+torch.topk"),
-                                   (f"kth{ratio}", "score+torch.kthvalue")):  # fmt: skip
-                    rows.append(make_row("select", name, t, prov=prov, n=n, k=k,
-                                         ratio=ratio, baseline=label,
-                                         baseline_timing=base[key],
-                                         bytes_moved=3 * 8 * n + 4 * k,
-                                         copy_gbps=copy_gbps))  # fmt: skip
+                src = [F.ScoreSource(sum_g, sum_g2, n, torch.int32, be)]
+                t = time_fn(lambda src=src, k=k: F.global_topk(src, k, "piece-s", 1.0), **kw)
+                for key, label in (
+                    (f"topk{ratio}", "score+torch.topk"),
+                    (f"kth{ratio}", "score+torch.kthvalue"),
+                ):
+                    rows.append(
+                        make_row(
+                            "select",
+                            name,
+                            t,
+                            prov=prov,
+                            n=n,
+                            k=k,
+                            ratio=ratio,
+                            baseline=label,
+                            baseline_timing=base[key],
+                            bytes_moved=3 * 8 * n + 4 * k,
+                            copy_gbps=copy_gbps,
+                        )
+                    )
                 tick(f"select {name} n={n} r={ratio}")
             if "compaction" in benchmarks:
                 v = _kth_largest(scores, k)
                 thr = _bits(v)
                 above = int((scores > v).sum().item())
                 take_eq = k - above
-                t = time_fn(lambda be=be, thr=thr, take_eq=take_eq: be.compact(
-                    scores, thr, take_eq, torch.int32), **kw)  # fmt: skip
-                rows.append(make_row("compaction", name, t, prov=prov, n=n, k=k,
-                                     ratio=ratio, baseline="torch.nonzero(scores >= v)",
-                                     baseline_timing=base[f"nz{ratio}"],
-                                     bytes_moved=4 * n + 4 * k,
-                                     copy_gbps=copy_gbps))  # fmt: skip
+                t = time_fn(
+                    lambda be=be, thr=thr, take_eq=take_eq: be.score_compact(
+                        None, scores, "piece-f", 0.0, thr, take_eq, torch.int32
+                    ),
+                    **kw,
+                )
+                rows.append(
+                    make_row(
+                        "compaction",
+                        name,
+                        t,
+                        prov=prov,
+                        n=n,
+                        k=k,
+                        ratio=ratio,
+                        baseline="torch.nonzero(scores >= v)",
+                        baseline_timing=base[f"nz{ratio}"],
+                        bytes_moved=4 * n + 4 * k,
+                        copy_gbps=copy_gbps,
+                    )
+                )
                 tick(f"compaction {name} n={n} r={ratio}")
     return rows
 
@@ -225,8 +288,12 @@ def run(
     return rows
 
 
-def count(sizes: Sequence[int], ratios: Sequence[float], n_backends: int,
-          benchmarks: Sequence[str] = BENCHMARKS) -> int:  # fmt: skip
+def count(
+    sizes: Sequence[int],
+    ratios: Sequence[float],
+    n_backends: int,
+    benchmarks: Sequence[str] = BENCHMARKS,
+) -> int:
     """How many progress ticks :func:`run` makes (for a tqdm total)."""
     per_n = int("copy" in benchmarks) + n_backends * (
         int("accumulate" in benchmarks)
@@ -259,9 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     names = args.backends or backends_to_run(args.device)
     with tqdm(total=count(sizes, ratios, len(names), args.benchmarks), desc="micro") as bar:
-        rows = run(sizes=sizes, ratios=ratios, device=args.device, backends=names,
-                   benchmarks=args.benchmarks, repeats=args.repeats,
-                   progress=lambda label: (bar.set_postfix_str(label), bar.update()))  # fmt: skip
+        rows = run(
+            sizes=sizes,
+            ratios=ratios,
+            device=args.device,
+            backends=names,
+            benchmarks=args.benchmarks,
+            repeats=args.repeats,
+            progress=lambda label: (bar.set_postfix_str(label), bar.update()),
+        )
     path = Path(args.out) / "bench.csv"
     append_rows(path, rows)
     print(f"wrote {len(rows)} rows to {path}")

@@ -29,8 +29,10 @@ def latest(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """The last row for each (benchmark, backend, n, ratio, baseline, phase, device)."""
     keep: dict[tuple[str, ...], dict[str, str]] = {}
     for r in rows:
-        key = tuple(r.get(c, "") for c in ("benchmark", "backend", "n", "ratio", "baseline",
-                                           "phase", "device", "extra"))  # fmt: skip
+        key = tuple(
+            r.get(c, "")
+            for c in ("benchmark", "backend", "n", "ratio", "baseline", "phase", "device", "extra")
+        )
         keep.pop(key, None)
         keep[key] = r
     return list(keep.values())
@@ -93,8 +95,7 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
         names = [b for b in MICRO if any(r["benchmark"] == b for r in micro)]
         ncols = min(3, len(names))
         nrows = -(-len(names) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows),
-                                 squeeze=False)  # fmt: skip
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
         for ax in axes.flat[len(names) :]:
             ax.set_visible(False)
         for ax, bench in zip(axes.flat, names, strict=False):  # more axes than panels
@@ -129,8 +130,12 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
     e2e = [r for r in rows if r["benchmark"] == "e2e_train_step" and _f(r["throughput"])]
     if e2e:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        labels = [r["backend"] if r["backend"].startswith("torch.optim") else
-                  f"SparseAdamW[{r['backend']}] r={r['ratio']}" for r in e2e]  # fmt: skip
+        labels = [
+            r["backend"]
+            if r["backend"].startswith("torch.optim")
+            else f"SparseAdamW[{r['backend']}] r={r['ratio']}"
+            for r in e2e
+        ]
         ax.bar(range(len(e2e)), [float(r["throughput"]) for r in e2e])
         ax.set_xticks(range(len(e2e)), labels, rotation=15, fontsize=7)
         ax.set_ylabel("tokens/s (training step)")
@@ -148,8 +153,11 @@ def plot_csv(csv_path: str | Path, out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(phases), 3.8))
         width = 0.8 / max(len(series), 1)
         for j, s in enumerate(series):
-            vals = {r["phase"] or "peak": _peak_mib(r) for r in mem
-                    if (r["backend"] or r["benchmark"]) == s}  # fmt: skip
+            vals = {
+                r["phase"] or "peak": _peak_mib(r)
+                for r in mem
+                if (r["backend"] or r["benchmark"]) == s
+            }
             xs = [i + j * width for i, p in enumerate(phases) if p in vals]
             ax.bar(xs, [vals[p] for p in phases if p in vals], width, label=s)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(phases))], phases, fontsize=8)

@@ -26,9 +26,16 @@ def adamw_state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def model_10m(dtype: torch.dtype) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688,
-                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=128, tie_word_embeddings=False)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).to(dtype)
 
@@ -58,8 +65,10 @@ def main() -> None:
     model(input_ids=x, labels=x).loss.backward()
     dense.step()
     db = adamw_state_bytes(dense)
-    print(f"model: LLaMA {n / 1e6:.2f}M params ({args.dtype}); mask: {mask.numel_selected()} "
-          f"entries (ratio {mask.ratio:.2e})")  # fmt: skip
+    print(
+        f"model: LLaMA {n / 1e6:.2f}M params ({args.dtype}); mask: {mask.numel_selected()} "
+        f"entries (ratio {mask.ratio:.2e})"
+    )
     print(f"torch.optim.AdamW state: {db:,} B")
     print(f"SparseAdamW state:       {sb:,} B")
     print(f"ratio AdamW / SparseAdamW: {db / sb:.1f}x")

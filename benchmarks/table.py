@@ -30,12 +30,21 @@ def markdown(rows: Sequence[dict[str, str]], n: int | None = None, all_n: bool =
     if n is not None:
         micro = [r for r in micro if int(r["n"]) == n]
     elif not all_n:
-        biggest = {b: max(int(r["n"]) for r in micro if r["benchmark"] == b)
-                   for b in {r["benchmark"] for r in micro}}  # fmt: skip
+        biggest = {
+            b: max(int(r["n"]) for r in micro if r["benchmark"] == b)
+            for b in {r["benchmark"] for r in micro}
+        }
         micro = [r for r in micro if int(r["n"]) == biggest[r["benchmark"]]]
     order = {b: i for i, b in enumerate(MICRO)}
-    micro.sort(key=lambda r: (order[r["benchmark"]], int(r["n"]), float(r["ratio"] or 0),
-                              r["backend"], r["baseline"]))  # fmt: skip
+    micro.sort(
+        key=lambda r: (
+            order[r["benchmark"]],
+            int(r["n"]),
+            float(r["ratio"] or 0),
+            r["backend"],
+            r["baseline"],
+        )
+    )
     lines = [
         "| benchmark | backend | N | ratio | time ms (IQR) | baseline | baseline ms | "
         "speedup | GB/s | of copy BW |",
@@ -57,8 +66,11 @@ def markdown(rows: Sequence[dict[str, str]], n: int | None = None, all_n: bool =
             "|---|---:|---:|---:|---:|---:|",
         ]
         for r in e2e:
-            name = r["backend"] if r["backend"].startswith("torch.optim") else (
-                f"SparseAdamW [{r['backend']}], ratio {r['ratio']}")  # fmt: skip
+            name = (
+                r["backend"]
+                if r["backend"].startswith("torch.optim")
+                else (f"SparseAdamW [{r['backend']}], ratio {r['ratio']}")
+            )
             trained = r["k"] or r["n"]
             lines.append(
                 f"| {name} | {int(r['n']):,} | {int(trained):,} | {_g(r['time_ms'])} "
@@ -67,8 +79,11 @@ def markdown(rows: Sequence[dict[str, str]], n: int | None = None, all_n: bool =
             )
     device = next((r["device"] for r in rows if r["device"]), "unknown")
     first = rows[0] if rows else {}
-    lines += ["", f"Device: {device}; torch {first.get('torch', '?')}, triton "
-              f"{first.get('triton', '?')}, commit {first.get('commit', '?')}."]  # fmt: skip
+    lines += [
+        "",
+        f"Device: {device}; torch {first.get('torch', '?')}, triton "
+        f"{first.get('triton', '?')}, commit {first.get('commit', '?')}.",
+    ]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Device helpers shared by the op files: exact dtype conversions and the score formula.
+"""Helpers shared by the op files: exact dtype conversions, the score formula, the
+stochastic-rounding hash and the pointer-table batching of many small tensors.
 
 Why hand-written conversions: the bf16 <-> fp32 casts are done on the bit patterns, so
 they are exact and round-to-nearest-even (NaN -> 0x7FC0) exactly like ``c10::BFloat16``
@@ -17,6 +18,13 @@ SCORE_RAW = 0  # read an fp32 score tensor
 SCORE_F = 1  # piece-f: sum_g2
 SCORE_S = 2  # piece-s: |sum_g| / sqrt(sum_g2 + eps), 0 where the denominator is 0
 SCORE_MODES = {"piece-f": SCORE_F, "piece-s": SCORE_S}
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.int32: tl.int32,
+    torch.int64: tl.int64,
+}
 
 
 @triton.jit
@@ -44,12 +52,41 @@ def from_f32(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def hash32(x):
+    """``piece_optim.backends.reference.hash32`` on a uint32 block (wrapping arithmetic)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def stochastic_bits(offs, key):
+    """The 32 random bits of the flat indices ``offs`` (int64) under ``key``: as
+    ``reference.stochastic_bits``, ``hash32(lo ^ hash32(hi ^ key))``."""
+    lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    return hash32(lo ^ hash32(hi ^ key.to(tl.uint32)))
+
+
+@triton.jit
+def to_bf16_stochastic(x, noise16):
+    """fp32 -> bf16 rounded stochastically with 16-bit ``noise16`` (uint32), as
+    ``reference.round_bf16_stochastic_``: add to the bits, clear the low 16; NaN stays NaN."""
+    b = x.to(tl.uint32, bitcast=True)
+    r = ((b + noise16) >> 16).to(tl.uint16)
+    r = tl.where(x != x, 0x7FC0, r)
+    return r.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def score_of(s1, s2, eps, MODE: tl.constexpr):
     """The PIECE score from fp32 sums (``s1`` unused for piece-f); same ops as the reference.
 
     ``sqrt_rn`` / ``div_rn`` are the IEEE round-to-nearest operations torch uses; Triton's
     plain ``tl.sqrt`` and ``/`` may be approximate on GPUs.  The special cases follow
-    :func:`piece_optim._reference.score`: NaN in, NaN out; a denominator of +inf (``g*g``
+    :func:`piece_optim.backends.reference.score`: NaN in, NaN out; a denominator of +inf (``g*g``
     overflowed) gives +inf; a denominator of 0 gives 0.
     """
     if MODE == 2:
@@ -80,6 +117,30 @@ def load_score(sc_ptr, g_ptr, g2_ptr, offs, mask, eps, MODE: tl.constexpr):
 def uint_bits(s):
     """The fp32 bit pattern as a non-negative int64 (the uint32 view used by selection)."""
     return s.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+
+
+def batch_tables(
+    rows: list[list[int]], lengths: list[int], block: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device tables of a batched launch over many small tensors: ``rows`` (one list
+    of int64 fields per tensor: pointers, sizes, keys), and per program (one per ``block``
+    entries of each tensor, ``lengths[t]`` entries) the tensor it serves and its first
+    entry.  The kernel reads row ``t`` at ``table + t * len(rows[0])``.
+
+    Freeing these tables (and any contiguous() copies) right after the launch is safe: the
+    caching allocator hands their memory only to later work on the same stream.
+    """
+    prog_t: list[int] = []
+    prog_s: list[int] = []
+    for t, n in enumerate(lengths):
+        starts = range(0, n, block)
+        prog_t += [t] * len(starts)
+        prog_s += list(starts)
+    flat = [v for row in rows for v in row]
+    tab = torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+    pt = torch.tensor(prog_t, dtype=torch.int64).to(device, non_blocking=True)
+    ps = torch.tensor(prog_s, dtype=torch.int64).to(device, non_blocking=True)
+    return tab, pt, ps
 
 
 def launch_opts(t: torch.Tensor) -> dict:

@@ -1,23 +1,27 @@
-"""Fold one gradient term into the PIECE sums, optionally building the score histogram.
+"""Fold one gradient term into the PIECE sums.
 
 ``sum_g += g`` (PIECE-S only) and ``sum_g2 = fma(g, g, sum_g2)`` in fp32, stored in the
-accumulator dtype (fp32, or bf16 rounded to nearest even).  The fma is not a liberty: it
-is what torch's ``addcmul_`` computes (its vectorised CPU kernels use fmadd), so the
-result equals :func:`piece_optim._reference.accumulate_` bit for bit.
-
-With ``hist=`` the same pass also computes each element's score from the sums just
-stored and adds it to a histogram level (see ``histogram.py``): fused into the last
-calibration term, selection then needs no separate first pass over the sums.
+accumulator dtype: fp32, or bf16 rounded to nearest even or, with a key, stochastically
+(the 16 random bits per entry from ``_jit_utils.stochastic_bits``: the reference's
+counter-based hash, so the bf16 sums equal the reference's bit for bit).  The fma is not a
+liberty: it is what torch's ``addcmul_`` computes (its vectorised CPU kernels use fmadd),
+so the result equals :func:`piece_optim.backends.reference.accumulate_` bit for bit.
 
 Bytes moved per element (fp32 accumulators): PIECE-F 4 B grad (2 B bf16/fp16) + 8 B
 sum_g2 read/write = 12 B; PIECE-S adds 8 B for sum_g = 20 B.  bf16 accumulators halve
 the sums' share (PIECE-F 8 B, PIECE-S 12 B with an fp32 grad).
 
+Decision (issue 14): no fused accumulate + histogram.  A fused last term would save the
+selection's first histogram pass, but the estimator cannot know which term is the last
+one without a new public API, and measured (C++ CPU kernels, N = 20M, PIECE-F, 2 cores)
+that pass is 16 ms against 16 ms per term and 68 ms for the two passes: 8% of an
+estimation of 8 terms, 1.5% of 64; by bytes on a GPU (8 B of 20 B per term) less.
+
 Many tensors: tensors up to ``BATCH_NUMEL`` elements are batched into one launch per
 dtype combination through a device table of pointers (one program per 1024-element
-block, told its tensor and offset by two small int64 tables), so a model's many biases
-and norms cost one launch, not hundreds.  Larger tensors get a launch each: their work
-dwarfs a launch, and their block tables would not be small.
+block, told its tensor and offset by two small int64 tables; ``_jit_utils.batch_tables``),
+so a model's many biases and norms cost one launch, not hundreds.  Larger tensors get a
+launch each: their work dwarfs a launch, and their block tables would not be small.
 """
 
 from __future__ import annotations
@@ -29,58 +33,86 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._jit_utils import SCORE_MODES, from_f32, launch_opts, score_of, to_f32
-from .histogram import _check_hist, hist_add
+from ._jit_utils import (
+    TL_DTYPES,
+    batch_tables,
+    from_f32,
+    launch_opts,
+    stochastic_bits,
+    to_bf16_stochastic,
+    to_f32,
+)
 
 BLOCK = 1024
 BATCH_NUMEL = 1 << 20
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_IO = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _accumulate_block(g_ptr, s1_ptr, s2_ptr, hist_ptr, offs, mask, eps, shift, prefix,
-                      HAS_SUM_G: tl.constexpr, HIST_MODE: tl.constexpr):  # fmt: skip
+def _store(ptr, offs, x, mask, noise16, STOCHASTIC: tl.constexpr):
+    if STOCHASTIC:
+        tl.store(ptr + offs, to_bf16_stochastic(x, noise16), mask=mask)
+    else:
+        tl.store(ptr + offs, from_f32(x, ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _accumulate_block(
+    g_ptr, s1_ptr, s2_ptr, offs, mask, key, HAS_SUM_G: tl.constexpr, STOCHASTIC: tl.constexpr
+):
     g = to_f32(tl.load(g_ptr + offs, mask=mask, other=0.0))
-    s1 = g
+    if STOCHASTIC:
+        h = stochastic_bits(offs, key)
+    else:
+        h = offs.to(tl.uint32)  # unused
     if HAS_SUM_G:
-        old1 = tl.load(s1_ptr + offs, mask=mask, other=0.0)
-        new1 = from_f32(to_f32(old1) + g, old1.dtype)
-        tl.store(s1_ptr + offs, new1, mask=mask)
-        s1 = to_f32(new1)
-    old2 = tl.load(s2_ptr + offs, mask=mask, other=0.0)
-    new2 = from_f32(tl.fma(g, g, to_f32(old2)), old2.dtype)
-    tl.store(s2_ptr + offs, new2, mask=mask)
-    if HIST_MODE != 0:
-        hist_add(hist_ptr, score_of(s1, to_f32(new2), eps, HIST_MODE), mask, shift, prefix)
+        old1 = to_f32(tl.load(s1_ptr + offs, mask=mask, other=0.0))
+        _store(s1_ptr, offs, old1 + g, mask, h >> 16, STOCHASTIC)
+    old2 = to_f32(tl.load(s2_ptr + offs, mask=mask, other=0.0))
+    _store(s2_ptr, offs, tl.fma(g, g, old2), mask, h & 0xFFFF, STOCHASTIC)
 
 
-@triton.jit(do_not_specialize=["shift", "prefix"])
-def _accumulate_kernel(g_ptr, s1_ptr, s2_ptr, hist_ptr, n, eps, shift, prefix,
-                       HAS_SUM_G: tl.constexpr, HIST_MODE: tl.constexpr,
-                       BLOCK: tl.constexpr):  # fmt: skip
+@triton.jit(do_not_specialize=["key"])  # a new term's key must not recompile
+def _accumulate_kernel(
+    g_ptr,
+    s1_ptr,
+    s2_ptr,
+    n,
+    key,
+    HAS_SUM_G: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _accumulate_block(g_ptr, s1_ptr, s2_ptr, hist_ptr, offs, offs < n, eps, shift, prefix,
-                      HAS_SUM_G, HIST_MODE)  # fmt: skip
+    _accumulate_block(g_ptr, s1_ptr, s2_ptr, offs, offs < n, key, HAS_SUM_G, STOCHASTIC)
 
 
 @triton.jit
-def _accumulate_many_kernel(table_ptr, prog_tensor_ptr, prog_start_ptr, G_DTYPE: tl.constexpr,
-                            ACC_DTYPE: tl.constexpr, HAS_SUM_G: tl.constexpr,
-                            BLOCK: tl.constexpr):  # fmt: skip
+def _accumulate_many_kernel(
+    table_ptr,
+    prog_tensor_ptr,
+    prog_start_ptr,
+    G_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    HAS_SUM_G: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
     start = tl.load(prog_start_ptr + pid)
-    row = table_ptr + t * 4  # [grad, sum_g, sum_g2, numel]
+    row = table_ptr + t * 5  # [grad, sum_g, sum_g2, numel, key]
     g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
     s1_ptr = tl.load(row + 1).to(tl.pointer_type(ACC_DTYPE))
     s2_ptr = tl.load(row + 2).to(tl.pointer_type(ACC_DTYPE))
     n = tl.load(row + 3)
+    key = tl.load(row + 4)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    _accumulate_block(g_ptr, s1_ptr, s2_ptr, g_ptr, offs, offs < n, 0.0, 0, 0, HAS_SUM_G, 0)
+    _accumulate_block(g_ptr, s1_ptr, s2_ptr, offs, offs < n, key, HAS_SUM_G, STOCHASTIC)
 
 
 def _check(grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor) -> tuple[Tensor, Tensor]:
-    if grad.dtype not in _TL:
+    if grad.dtype not in _IO:
         raise ValueError(f"grad dtype {grad.dtype} is not supported: use fp32, bf16 or fp16")
     accs = [sum_g2] if sum_g is None else [sum_g, sum_g2]
     for a in accs:
@@ -94,70 +126,82 @@ def _check(grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor) -> tuple[Tensor, 
     return grad.reshape(-1).contiguous(), sum_g2.view(-1)
 
 
+def _stochastic(sum_g: Tensor | None, sum_g2: Tensor, key: int | None) -> bool:
+    """Stochastic rounding: a key, and bf16 sums (fp32 sums hold the exact fp32 result)."""
+    dtypes = {sum_g2.dtype} | ({sum_g.dtype} if sum_g is not None else set())
+    if key is not None and len(dtypes) > 1:
+        raise ValueError("stochastic rounding needs sum_g and sum_g2 of one dtype")
+    return key is not None and sum_g2.dtype == torch.bfloat16
+
+
 def accumulate_triton(
-    grad: Tensor,
-    sum_g: Tensor | None,
-    sum_g2: Tensor,
-    *,
-    hist: Tensor | None = None,
-    method: str = "piece-s",
-    eps: float = 1.0,
-    shift: int = 16,
-    prefix: int = 0,
+    grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor, key: int | None = None
 ) -> None:
-    """``sum_g += g; sum_g2 += g*g`` (fp32 math); with ``hist``, also add the new scores
-    (``method``, ``eps``) to the histogram level ``(shift, prefix)``."""
+    """``sum_g += g; sum_g2 += g*g`` (fp32 math); bf16 sums rounded stochastically under
+    ``key`` (``piece_optim.backends.reference.stochastic_key``), else to nearest even."""
     g, s2 = _check(grad, sum_g, sum_g2)
     s1 = sum_g.view(-1) if sum_g is not None else s2
-    hist_mode = 0
-    if hist is not None:
-        if method not in SCORE_MODES:
-            raise ValueError(f"method={method!r}: use 'piece-f' or 'piece-s'")
-        if method == "piece-s" and sum_g is None:
-            raise ValueError("piece-s needs sum_g; the estimator was built without it")
-        _check_hist(hist, g.device)
-        hist_mode = SCORE_MODES[method]
     n = g.numel()
     if n == 0:
         return
+    sr = _stochastic(sum_g, sum_g2, key)
     _accumulate_kernel[(triton.cdiv(n, BLOCK),)](
-        g, s1, s2, hist if hist is not None else s2, n, float(eps), int(shift), int(prefix),
-        HAS_SUM_G=sum_g is not None, HIST_MODE=hist_mode, BLOCK=BLOCK, **launch_opts(g),
-    )  # fmt: skip
+        g,
+        s1,
+        s2,
+        n,
+        int(key or 0),
+        HAS_SUM_G=sum_g is not None,
+        STOCHASTIC=sr,
+        BLOCK=BLOCK,
+        **launch_opts(g),
+    )
 
 
 def accumulate_many_triton(
-    grads: Sequence[Tensor], sum_gs: Sequence[Tensor | None], sum_g2s: Sequence[Tensor]
+    grads: Sequence[Tensor],
+    sum_gs: Sequence[Tensor | None],
+    sum_g2s: Sequence[Tensor],
+    keys: Sequence[int] | None = None,
 ) -> None:
-    """:func:`accumulate_triton` over many tensors; small ones share one launch."""
-    groups: dict[tuple, list[tuple[Tensor, Tensor | None, Tensor]]] = {}
-    for grad, s1, s2 in zip(grads, sum_gs, sum_g2s, strict=True):
+    """:func:`accumulate_triton` over many tensors (``keys``: one per tensor, or None);
+    small ones share one launch."""
+    groups: dict[tuple, list[tuple]] = {}
+    for i, (grad, s1, s2) in enumerate(zip(grads, sum_gs, sum_g2s, strict=True)):
         g, s2f = _check(grad, s1, s2)
+        key = None if keys is None else keys[i]
         n = g.numel()
         if n == 0:
             continue
         if n > BATCH_NUMEL or (s1 is not None and s1.dtype != s2.dtype):
-            accumulate_triton(g, s1, s2f)
+            accumulate_triton(g, s1, s2f, key)
             continue
-        key = (g.device, g.dtype, s2.dtype, s1 is not None)
-        groups.setdefault(key, []).append((g, None if s1 is None else s1.view(-1), s2f))
-    for (device, gdt, adt, has_g), items in groups.items():
+        sr = _stochastic(s1, s2, key)
+        group = (g.device, g.dtype, s2.dtype, s1 is not None, sr)
+        groups.setdefault(group, []).append((g, None if s1 is None else s1.view(-1), s2f, key))
+    for (device, gdt, adt, has_g, sr), items in groups.items():
         if len(items) == 1:
             accumulate_triton(*items[0])
             continue
-        table, prog_t, prog_s = [], [], []
-        for t, (g, s1, s2) in enumerate(items):
-            n = g.numel()
-            table += [g.data_ptr(), (s1 if s1 is not None else s2).data_ptr(), s2.data_ptr(), n]
-            starts = range(0, n, BLOCK)
-            prog_t += [t] * len(starts)
-            prog_s += list(starts)
-        # Freeing these tables (and any contiguous() copies) right after the launch is safe:
-        # the caching allocator hands their memory only to later work on the same stream.
-        tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
-        pt = torch.tensor(prog_t, dtype=torch.int64).to(device, non_blocking=True)
-        ps = torch.tensor(prog_s, dtype=torch.int64).to(device, non_blocking=True)
-        _accumulate_many_kernel[(len(prog_t),)](
-            tab, pt, ps, G_DTYPE=_TL[gdt], ACC_DTYPE=_TL[adt], HAS_SUM_G=has_g, BLOCK=BLOCK,
+        rows = [
+            [
+                g.data_ptr(),
+                (s1 if s1 is not None else s2).data_ptr(),
+                s2.data_ptr(),
+                g.numel(),
+                int(key or 0),
+            ]
+            for g, s1, s2, key in items
+        ]
+        tab, pt, ps = batch_tables(rows, [it[0].numel() for it in items], BLOCK, device)
+        _accumulate_many_kernel[(pt.numel(),)](
+            tab,
+            pt,
+            ps,
+            G_DTYPE=TL_DTYPES[gdt],
+            ACC_DTYPE=TL_DTYPES[adt],
+            HAS_SUM_G=has_g,
+            STOCHASTIC=sr,
+            BLOCK=BLOCK,
             **launch_opts(items[0][0]),
-        )  # fmt: skip
+        )

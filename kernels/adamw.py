@@ -5,16 +5,25 @@ program per 1024 entries reads ``g[idx]`` (or the k-long sparse gradient), the f
 moments and the weights (the fp32 master copy for bf16/fp16 params), and writes back the
 moments, the master and the parameter entries.  Entries outside ``idx`` are never touched.
 
-Operation order is that of :func:`piece_optim._reference.adamw_step_` as torch's CPU
-kernels compute it, so the result is bit-identical there (checked under the
-interpreter): ``w *= fp32(1 - lr*wd)``; ``m = fma(c, g - m, base)`` (torch's vectorised
-``lerp``: ``c = 1-beta1, base = m`` when ``1-beta1 < 0.5``, else ``c = -beta1, base = g``);
-``v = fma(fp32(1-beta2) * g, g, v * beta2)`` (``addcmul``); ``denom = sqrt_rn(v) /
-fp32(sqrt(bc2)) + eps``; ``w += (fp32(-lr/bc1) * m) / denom`` (``addcdiv``).  Scalars are
-rounded to fp32 once, on the host, as torch does with Python scalars.  torch's CUDA
-kernels order some of these differently (addcdiv as ``w + s * (m / d)``, division by a
-scalar as multiplication by its reciprocal), so on GPUs the kernel and the reference on
-the same GPU may differ by an ulp or two per step; both are fp32 roundings of one formula.
+Operation order is that of :func:`piece_optim.backends.reference.adamw_step_` as torch's
+CPU kernels compute it: ``w *= fp32(decay)``; ``m = fma(c, g - m, base)`` (torch's
+vectorised ``lerp``: ``c = 1-beta1, base = m`` when ``1-beta1 < 0.5``, else ``c = -beta1,
+base = g``); ``v = fma(fp32(1-beta2) * g, g, v * beta2)`` (``addcmul``); ``denom =
+sqrt_rn(v) / fp32(sqrt(bc2)) + eps``; ``w += (fp32(-lr/bc1) * m) / denom`` (``addcdiv``).
+The scalars come made (``reference.adamw_scalars``: torch's doubles) and are rounded to
+fp32 once, on the host, as torch does with Python scalars (:func:`kernel_scalars`).
+
+How close to torch: the moments are bit-identical to the reference on CPU tensors (under
+the interpreter), and so are the weights wherever the reference's square root is IEEE
+(``sqrt_rn``).  torch's vectorised CPU ``sqrt`` is not: with MKL (torch's x86 builds) it
+is VML's, accurate to 1 ulp but not correctly rounded (measured: 17% of random inputs
+differ from IEEE), so against torch's CPU AdamW a weight may differ in its last bit
+(measured: 84 of 200,000 after one step, each by 1 ulp; the reference computed with IEEE
+sqrt equals the kernel on all of them).  The C++ kernels call VML's sqrt themselves and
+are bit-identical.  torch's CUDA kernels order some operations differently (addcdiv as
+``w + s * (m / d)``, division by a scalar as multiplication by its reciprocal), so on GPUs
+the kernel and the reference on the same GPU may differ by an ulp or two per step; both
+are fp32 roundings of one formula.
 
 lr, betas, eps, weight decay and the step are runtime arguments: a new lr or step never
 recompiles.  Bytes per selected entry (fp32 param, int32 idx, dense grad): idx 4 + g 4 +
@@ -22,12 +31,12 @@ m 8 + v 8 + w 8 = 32 B; bf16/fp16 params with master: idx 4 + g 2 + m 8 + v 8 + 
 + param write 2 = 32 B; dense (idx None) fp32: 28 B.
 
 Many tensors: the ones with at most ``BATCH_NUMEL`` selected entries that share dtypes and
-step share one launch through a device table of pointers; larger ones launch alone.
+scalars (the step) share one launch through a device table of pointers
+(``_jit_utils.batch_tables``); larger ones launch alone.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,19 +45,36 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._jit_utils import from_f32, launch_opts, to_f32
+from ._jit_utils import TL_DTYPES, batch_tables, from_f32, launch_opts, to_f32
 
 BLOCK = 1024
 BATCH_NUMEL = 1 << 20
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
-       torch.int32: tl.int32, torch.int64: tl.int64}  # fmt: skip
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, mask, numel, decay,
-                 lerp_c, lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
-                 HAS_IDX: tl.constexpr, GRAD_SPARSE: tl.constexpr,
-                 HAS_MASTER: tl.constexpr):  # fmt: skip
+def _adamw_block(
+    p_ptr,
+    g_ptr,
+    i_ptr,
+    m_ptr,
+    v_ptr,
+    w_ptr,
+    err_ptr,
+    offs,
+    mask,
+    numel,
+    decay,
+    lerp_c,
+    lerp_small,
+    beta2,
+    one_m_beta2,
+    bc2_sqrt,
+    eps,
+    neg_step_size,
+    HAS_IDX: tl.constexpr,
+    GRAD_SPARSE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+):
     if HAS_IDX:
         pos = tl.load(i_ptr + offs, mask=mask, other=0).to(tl.int64)
         # Bounds: an index outside [0, numel) is skipped (nothing read or written for that
@@ -83,22 +109,77 @@ def _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, mask, 
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, n, numel, decay, lerp_c,
-                  lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
-                  HAS_IDX: tl.constexpr, GRAD_SPARSE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
+def _adamw_kernel(
+    p_ptr,
+    g_ptr,
+    i_ptr,
+    m_ptr,
+    v_ptr,
+    w_ptr,
+    err_ptr,
+    n,
+    numel,
+    decay,
+    lerp_c,
+    lerp_small,
+    beta2,
+    one_m_beta2,
+    bc2_sqrt,
+    eps,
+    neg_step_size,
+    HAS_IDX: tl.constexpr,
+    GRAD_SPARSE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, offs < n, numel,
-                 decay, lerp_c, lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
-                 HAS_IDX, GRAD_SPARSE, HAS_MASTER)  # fmt: skip
+    _adamw_block(
+        p_ptr,
+        g_ptr,
+        i_ptr,
+        m_ptr,
+        v_ptr,
+        w_ptr,
+        err_ptr,
+        offs,
+        offs < n,
+        numel,
+        decay,
+        lerp_c,
+        lerp_small,
+        beta2,
+        one_m_beta2,
+        bc2_sqrt,
+        eps,
+        neg_step_size,
+        HAS_IDX,
+        GRAD_SPARSE,
+        HAS_MASTER,
+    )
 
 
 @triton.jit
-def _adamw_many_kernel(table_ptr, prog_tensor_ptr, prog_start_ptr, err_ptr, decay, lerp_c,
-                       lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
-                       P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, I_DTYPE: tl.constexpr,
-                       HAS_IDX: tl.constexpr, GRAD_SPARSE: tl.constexpr,
-                       HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _adamw_many_kernel(
+    table_ptr,
+    prog_tensor_ptr,
+    prog_start_ptr,
+    err_ptr,
+    decay,
+    lerp_c,
+    lerp_small,
+    beta2,
+    one_m_beta2,
+    bc2_sqrt,
+    eps,
+    neg_step_size,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    I_DTYPE: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    GRAD_SPARSE: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     t = tl.load(prog_tensor_ptr + pid)
     start = tl.load(prog_start_ptr + pid)
@@ -112,31 +193,63 @@ def _adamw_many_kernel(table_ptr, prog_tensor_ptr, prog_start_ptr, err_ptr, deca
     n = tl.load(row + 6)
     numel = tl.load(row + 7)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    _adamw_block(p_ptr, g_ptr, i_ptr, m_ptr, v_ptr, w_ptr, err_ptr, offs, offs < n, numel,
-                 decay, lerp_c, lerp_small, beta2, one_m_beta2, bc2_sqrt, eps, neg_step_size,
-                 HAS_IDX, GRAD_SPARSE, HAS_MASTER)  # fmt: skip
+    _adamw_block(
+        p_ptr,
+        g_ptr,
+        i_ptr,
+        m_ptr,
+        v_ptr,
+        w_ptr,
+        err_ptr,
+        offs,
+        offs < n,
+        numel,
+        decay,
+        lerp_c,
+        lerp_small,
+        beta2,
+        one_m_beta2,
+        bc2_sqrt,
+        eps,
+        neg_step_size,
+        HAS_IDX,
+        GRAD_SPARSE,
+        HAS_MASTER,
+    )
 
 
 def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def step_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                 step: int) -> tuple:  # fmt: skip
-    """The kernel's scalar arguments, rounded to fp32 exactly where torch rounds them."""
-    if step < 1:
-        raise ValueError(f"step={step} must be >= 1 (the first step is 1)")
-    w1 = np.float32(1 - beta1)  # lerp weight, as torch casts it
+def kernel_scalars(sc: object) -> tuple:
+    """The kernel's scalar arguments from an ``AdamWScalars`` (``piece_optim.backends.
+    reference.adamw_scalars``: torch's doubles), rounded to fp32 exactly where torch rounds
+    them, and torch's choice between the two forms of ``lerp``."""
+    w1 = np.float32(sc.lerp_weight)  # lerp weight, as torch casts it
     small = abs(float(w1)) < 0.5
     lerp_c = float(w1) if small else float(w1 - np.float32(1.0))
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    return (_f32(1 - lr * weight_decay), lerp_c, int(small), _f32(beta2), _f32(1 - beta2),
-            _f32(math.sqrt(bc2)), _f32(eps), _f32(-(lr / bc1)))  # fmt: skip
+    return (
+        _f32(sc.decay),
+        lerp_c,
+        int(small),
+        _f32(sc.beta2),
+        _f32(sc.sq_weight),
+        _f32(sc.bc2_sqrt),
+        _f32(sc.eps),
+        _f32(-sc.step_size),
+    )
 
 
-def _flat(p: Tensor, g: Tensor, idx: Tensor | None, m: Tensor, v: Tensor, w: Tensor | None,
-          grad_is_sparse: bool) -> tuple:  # fmt: skip
+def _flat(
+    p: Tensor,
+    g: Tensor,
+    idx: Tensor | None,
+    m: Tensor,
+    v: Tensor,
+    w: Tensor | None,
+    grad_is_sparse: bool,
+) -> tuple:
     if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"param dtype {p.dtype} is not supported: use fp32, bf16 or fp16")
     if g.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -177,11 +290,20 @@ def _raise_if_flagged(err: Tensor) -> None:
         )
 
 
-def adamw_triton(param: Tensor, grad: Tensor, idx: Tensor | None, exp_avg: Tensor,
-                 exp_avg_sq: Tensor, master: Tensor | None, *, lr: float, beta1: float,
-                 beta2: float, eps: float, weight_decay: float, step: int,
-                 grad_is_sparse: bool = False, err: Tensor | None = None) -> None:  # fmt: skip
-    """One AdamW step on the entries ``idx`` of ``param`` (see the module doc).
+def adamw_triton(
+    param: Tensor,
+    grad: Tensor,
+    idx: Tensor | None,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    master: Tensor | None,
+    scalars: object,
+    *,
+    grad_is_sparse: bool = False,
+    err: Tensor | None = None,
+) -> None:
+    """One AdamW step on the entries ``idx`` of ``param`` (see the module doc); ``scalars``
+    is an ``AdamWScalars``.
 
     An index outside ``[0, param.numel())`` is skipped (nothing read or written for that
     entry) and sets ``err[0]`` to 1 (an int32 tensor on the param's device).  Without
@@ -191,31 +313,47 @@ def adamw_triton(param: Tensor, grad: Tensor, idx: Tensor | None, exp_avg: Tenso
     if k == 0:
         return
     flag, own = _err_flag(err, p.device)
-    sc = step_scalars(lr, beta1, beta2, eps, weight_decay, step)
     _adamw_kernel[(triton.cdiv(k, BLOCK),)](
-        p, g, i if i is not None else m, m, v, w if w is not None else m, flag, k, p.numel(),
-        *sc, HAS_IDX=i is not None, GRAD_SPARSE=bool(grad_is_sparse) and i is not None,
-        HAS_MASTER=w is not None, BLOCK=BLOCK, **launch_opts(p),
-    )  # fmt: skip
+        p,
+        g,
+        i if i is not None else m,
+        m,
+        v,
+        w if w is not None else m,
+        flag,
+        k,
+        p.numel(),
+        *kernel_scalars(scalars),
+        HAS_IDX=i is not None,
+        GRAD_SPARSE=bool(grad_is_sparse) and i is not None,
+        HAS_MASTER=w is not None,
+        BLOCK=BLOCK,
+        **launch_opts(p),
+    )
     if own:
         _raise_if_flagged(flag)
 
 
-def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
-                      idxs: Sequence[Tensor | None], exp_avgs: Sequence[Tensor],
-                      exp_avg_sqs: Sequence[Tensor], masters: Sequence[Tensor | None],
-                      steps: Sequence[int], *, lr: float, beta1: float, beta2: float,
-                      eps: float, weight_decay: float, grad_is_sparse: bool = False,
-                      err: Tensor | None = None) -> None:  # fmt: skip
-    """:func:`adamw_triton` over many tensors; small ones with equal dtypes and step share
-    one launch.  Every tensor is validated before the first launch; ``err`` as in
+def adamw_many_triton(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    idxs: Sequence[Tensor | None],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    masters: Sequence[Tensor | None],
+    scalars: Sequence[object],
+    *,
+    grad_is_sparse: bool = False,
+    err: Tensor | None = None,
+) -> None:
+    """:func:`adamw_triton` over many tensors; small ones with equal dtypes and scalars
+    share one launch.  Every tensor is validated before the first launch; ``err`` as in
     :func:`adamw_triton` (all tensors on one device when it is given)."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     groups: dict[tuple, list[tuple]] = {}
     alone: list[tuple] = []
     flags: dict[torch.device, tuple[Tensor, bool]] = {}
-    for args in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, steps, strict=True):
-        *tensors, step = args
+    for args in zip(params, grads, idxs, exp_avgs, exp_avg_sqs, masters, scalars, strict=True):
+        *tensors, sc = args
         flat = _flat(*tensors, grad_is_sparse)
         k = flat[-1]
         if k == 0:
@@ -224,27 +362,26 @@ def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
         if p.device not in flags:
             flags[p.device] = _err_flag(err, p.device)
         if k > BATCH_NUMEL:
-            alone.append((tensors, step))
+            alone.append((tensors, sc))
             continue
-        key = (p.device, p.dtype, g.dtype, None if i is None else i.dtype, w is not None,
-               int(step))  # fmt: skip
-        groups.setdefault(key, []).append((tensors, flat))
-    for tensors, step in alone:
-        adamw_triton(
-            *tensors,
-            step=step,
-            grad_is_sparse=grad_is_sparse,
-            err=flags[tensors[0].device][0],
-            **hyper,
+        key = (
+            p.device,
+            p.dtype,
+            g.dtype,
+            None if i is None else i.dtype,
+            w is not None,
+            kernel_scalars(sc),
         )
-    for (device, pdt, gdt, idt, has_w, step), items in groups.items():
+        groups.setdefault(key, []).append((tensors, sc, flat))
+    for tensors, sc in alone:
+        adamw_triton(*tensors, sc, grad_is_sparse=grad_is_sparse, err=flags[tensors[0].device][0])
+    for (device, pdt, gdt, idt, has_w, ksc), items in groups.items():
         flag = flags[device][0]
         if len(items) == 1:
-            adamw_triton(*items[0][0], step=step, grad_is_sparse=grad_is_sparse, err=flag, **hyper)
+            adamw_triton(*items[0][0], items[0][1], grad_is_sparse=grad_is_sparse, err=flag)
             continue
-        table, prog_t, prog_s = [], [], []
-        for t, (_, (p, g, i, m, v, w, k)) in enumerate(items):
-            table += [
+        rows = [
+            [
                 p.data_ptr(),
                 g.data_ptr(),
                 (i if i is not None else m).data_ptr(),
@@ -254,21 +391,24 @@ def adamw_many_triton(params: Sequence[Tensor], grads: Sequence[Tensor],
                 k,
                 p.numel(),
             ]
-            starts = range(0, k, BLOCK)
-            prog_t += [t] * len(starts)
-            prog_s += list(starts)
-        # Freeing these tables (and any contiguous() copies) right after the launch is safe:
-        # the caching allocator hands their memory only to later work on the same stream.
-        tab = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
-        pt = torch.tensor(prog_t, dtype=torch.int64).to(device, non_blocking=True)
-        ps = torch.tensor(prog_s, dtype=torch.int64).to(device, non_blocking=True)
-        sc = step_scalars(step=step, **hyper)
-        _adamw_many_kernel[(len(prog_t),)](
-            tab, pt, ps, flag, *sc, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt],
-            I_DTYPE=_TL[idt] if idt is not None else tl.int32, HAS_IDX=idt is not None,
-            GRAD_SPARSE=bool(grad_is_sparse) and idt is not None, HAS_MASTER=has_w,
-            BLOCK=BLOCK, **launch_opts(items[0][1][0]),
-        )  # fmt: skip
+            for _, _, (p, g, i, m, v, w, k) in items
+        ]
+        tab, pt, ps = batch_tables(rows, [it[2][-1] for it in items], BLOCK, device)
+        _adamw_many_kernel[(pt.numel(),)](
+            tab,
+            pt,
+            ps,
+            flag,
+            *ksc,
+            P_DTYPE=TL_DTYPES[pdt],
+            G_DTYPE=TL_DTYPES[gdt],
+            I_DTYPE=TL_DTYPES[idt] if idt is not None else tl.int32,
+            HAS_IDX=idt is not None,
+            GRAD_SPARSE=bool(grad_is_sparse) and idt is not None,
+            HAS_MASTER=has_w,
+            BLOCK=BLOCK,
+            **launch_opts(items[0][2][0]),
+        )
     for flag, own in flags.values():
         if own:
             _raise_if_flagged(flag)

@@ -1,9 +1,9 @@
 """Compaction: the sorted indices of the selected scores of one tensor.
 
 Selected: bits > ``thr``, plus the first ``take_eq`` elements (lowest flat index first)
-with bits == ``thr`` (the tie rule of DESIGN.md).  Two passes over the scores (read, or
-computed on the fly from the sums), no sort and no atomics, so the output is sorted and
-deterministic:
+with bits == ``thr`` (the tie rule: the lower global position wins).  Two passes over the
+scores (read, or computed on the fly from the sums), no sort and no atomics, so the output
+is sorted and deterministic:
 
 1. ``_compact_count_kernel``: per 1024-element block, how many scores are > thr and == thr;
 2. on the host side of the stream, a cumsum over the few block counts gives each block
@@ -28,8 +28,9 @@ BLOCK = 1024
 
 
 @triton.jit(do_not_specialize=["thr"])
-def _compact_count_kernel(sc_ptr, g_ptr, g2_ptr, gt_ptr, eq_ptr, n, eps, thr,
-                          MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _compact_count_kernel(
+    sc_ptr, g_ptr, g2_ptr, gt_ptr, eq_ptr, n, eps, thr, MODE: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -39,8 +40,20 @@ def _compact_count_kernel(sc_ptr, g_ptr, g2_ptr, gt_ptr, eq_ptr, n, eps, thr,
 
 
 @triton.jit(do_not_specialize=["thr", "take_eq"])
-def _compact_kernel(sc_ptr, g_ptr, g2_ptr, eq_before_ptr, out_off_ptr, out_ptr, n, eps, thr,
-                    take_eq, MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _compact_kernel(
+    sc_ptr,
+    g_ptr,
+    g2_ptr,
+    eq_before_ptr,
+    out_off_ptr,
+    out_ptr,
+    n,
+    eps,
+    thr,
+    take_eq,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -63,7 +76,7 @@ def compact_triton(
     method: str | None = None,
     eps: float = 1.0,
 ) -> tuple[Tensor, int]:
-    """``(sorted indices, n_eq)`` as :func:`piece_optim._reference.compact`; the scores are
+    """``(sorted indices, n_eq)`` as :func:`piece_optim.backends.reference.compact`; the scores are
     ``scores`` or those of ``(sum_g, sum_g2)`` under ``method``."""
     if index_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
@@ -89,7 +102,18 @@ def compact_triton(
     out = torch.empty(total, dtype=index_dtype, device=c.device)
     if total:
         _compact_kernel[(nblocks,)](
-            a, b, c, eq_before, out_incl - (gt + taken), out, n, float(eps), int(thr), take_eq,
-            MODE=mode, BLOCK=BLOCK, **opts,
-        )  # fmt: skip
+            a,
+            b,
+            c,
+            eq_before,
+            out_incl - (gt + taken),
+            out,
+            n,
+            float(eps),
+            int(thr),
+            take_eq,
+            MODE=mode,
+            BLOCK=BLOCK,
+            **opts,
+        )
     return out, n_eq

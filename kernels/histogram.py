@@ -40,8 +40,10 @@ def hist_add(hist_ptr, s, mask, shift, prefix):
 
 
 @triton.jit
-def _histogram_kernel(sc_ptr, g_ptr, g2_ptr, hist_ptr, replicas, n, eps, shift, prefix,
-                      MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _histogram_kernel(
+    sc_ptr, g_ptr, g2_ptr, hist_ptr, replicas, n, eps, shift, prefix,
+    MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -79,6 +81,16 @@ def histogram_triton(
     if n == 0:
         return
     _histogram_kernel[(triton.cdiv(n, BLOCK),)](
-        a, b, c, hist, hist.numel() // 65536, n, float(eps), int(shift), int(prefix),
-        MODE=mode, BLOCK=BLOCK, **launch_opts(c),
-    )  # fmt: skip
+        a,
+        b,
+        c,
+        hist,
+        hist.numel() // 65536,
+        n,
+        float(eps),
+        int(shift),
+        int(prefix),
+        MODE=mode,
+        BLOCK=BLOCK,
+        **launch_opts(c),
+    )

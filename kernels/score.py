@@ -2,7 +2,7 @@
 
 ``piece-f``: ``sum_g2``; ``piece-s``: ``|sum_g| / sqrt(sum_g2 + eps)``, 0 where the
 denominator is 0.  IEEE-rounded sqrt and division (``sqrt_rn``/``div_rn``), so the result
-equals :func:`piece_optim._reference.score` bit for bit.  Bytes per element: PIECE-F 8 B
+equals :func:`piece_optim.backends.reference.score` bit for bit.  Bytes per element: PIECE-F 8 B
 (read sum_g2, write the score; 6 B from bf16), PIECE-S 12 B (8 B from bf16).
 Selection never needs this tensor: the histogram and compaction kernels compute the
 scores on the fly; ``score_triton`` serves ``ImportanceEstimator.scores()``.

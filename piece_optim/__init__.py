@@ -5,8 +5,8 @@ second-order normalised), select the global top 0.1% of entries, and train only 
 with :class:`SparseAdamW`, which keeps optimizer state for the selected entries alone.
 """
 
-from ._backends import BackendUnavailableError, available_backends
 from ._version import __version__
+from .backends import BackendUnavailableError, available_backends
 from .delta import apply_delta, load_delta, revert_delta, save_delta
 from .importance import ImportanceEstimator
 from .mask import SparseMask

@@ -143,3 +143,33 @@ def _collected(handles: Collection, desc: str, warn: bool) -> None:
         UserWarning,
         stacklevel=2,
     )
+
+
+def check_not_reentrant_checkpoint() -> None:
+    """Raise if a gradient hook runs inside a reentrant checkpoint's backward.
+
+    ``torch.utils.checkpoint(use_reentrant=True)`` recomputes a segment and runs a nested
+    backward for it, so a parameter used both inside and outside that segment (tied
+    embeddings, a block applied twice) gets two post-accumulate-grad hook calls in one
+    ``backward()``: an ``ImportanceEstimator(in_backward=True)`` term would be split in
+    two, counting g1^2 + g2^2 instead of (g1 + g2)^2 and starting a spurious new term.  The
+    non-reentrant checkpoint has one backward and is exact.  Checked by looking for the
+    checkpoint's backward frame (a few frames up the stack, cheap next to the
+    accumulation).
+    """
+    f = sys._getframe(1)
+    for _ in range(64):
+        if f is None:
+            return
+        code = f.f_code
+        if code.co_name == "backward" and code.co_filename.replace("\\", "/").endswith(
+            "torch/utils/checkpoint.py"
+        ):
+            raise RuntimeError(
+                "ImportanceEstimator(in_backward=True) cannot run under reentrant activation "
+                "checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): its nested "
+                "backward splits a gradient term in two.  Use use_reentrant=False (HF: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})), or in_backward=False with collect()"
+            )
+        f = f.f_back

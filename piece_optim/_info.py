@@ -1,4 +1,4 @@
-"""``piece-optim info``: versions and backends."""
+"""``piece-optim info``: versions, the backends, and what ``"auto"`` picks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from ._backends import BACKENDS, _load, _load_errors
+from . import backends
 from ._version import __version__
 
 
@@ -20,11 +20,12 @@ def run(args: argparse.Namespace) -> int:
         f"piece-optim {__version__}, torch {torch.__version__}, python {platform.python_version()}"
     )
     dev = torch.device(args.device)
-    for name in BACKENDS:
-        be = _load(name)
-        if be is None:
-            print(f"  {name:7s} unavailable: {_load_errors.get(name, '?')}")
-            continue
-        ok, why = be.supports(dev)
-        print(f"  {name:7s} {'ok' if ok else 'cannot run on ' + dev.type + ': ' + why}")
+    f32 = torch.float32
+    for name, why in backends.explain("adamw", dev, (f32, f32)).items():
+        state = "ok" if not why else f"cannot run on {dev.type}: {'; '.join(why)}"
+        print(f"  {name:7s} {state}")
+    try:
+        print(f"  auto picks {backends.get_backend('auto', dev).name!r} for fp32 on {dev.type}")
+    except backends.BackendUnavailableError as exc:  # PIECE_OPTIM_BACKEND names one that can't
+        print(f"  {exc}")
     return 0

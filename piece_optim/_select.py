@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._backends import Backend
-from ._reference import BAD_SCORE_BIN, HIST_BINS, HIST_BITS
+from .backends import Backend, group_by_backend
+from .backends.reference import BAD_SCORE_BIN, HIST_BINS, HIST_BITS
 
 
 @dataclass
@@ -77,12 +77,10 @@ def _histogram_pass(
     sources: Sequence[ScoreSource], method: str, eps: float, hist: Tensor, shift: int, prefix: int
 ) -> None:
     """One pass over all sources, one batched call per backend (one parallel region)."""
-    groups: dict[int, tuple[Backend, list[ScoreSource]]] = {}
-    for s in sources:
-        groups.setdefault(id(s.backend), (s.backend, []))[1].append(s)
-    for be, srcs in groups.values():
-        be.score_histogram_many_([s.sum_g for s in srcs], [s.sum_g2 for s in srcs], method, eps,
-                                 hist, shift, prefix)  # fmt: skip
+    for be, srcs in group_by_backend(sources, lambda s: s.backend):
+        be.score_histogram_many_(
+            [s.sum_g for s in srcs], [s.sum_g2 for s in srcs], method, eps, hist, shift, prefix
+        )
 
 
 def global_topk(
@@ -162,3 +160,42 @@ def _tie_quota(sources, method, eps, thr, take_eq, n_eq_global, share_ties):
         for s in sources
     ]
     return share_ties(local_eq, take_eq)
+
+
+def _chunked_topk(sources: list[ScoreSource], k: int, method: str, eps: float) -> list[Tensor]:
+    """:func:`global_topk`, handing each source to its backend in pieces of at most its
+    ``select_chunk`` entries (sources whose backend has none stay whole).
+
+    Why: a backend's histogram pass may build temporaries proportional to the tensor it
+    scores (the pure-torch one: ~40 B per entry), so one 6M-entry lm_head alone added
+    ~170 MiB to the estimation peak.  The kernels build none, and each piece costs a
+    compaction call with one host sync on a GPU (~950 of them for 1e9 entries), so they
+    take whole tensors.  Pieces keep the global order (tensor, then flat index), so ties
+    and the result are unchanged; indices are shifted back per tensor.
+    """
+    pieces: list[ScoreSource] = []
+    owners: list[tuple[int, int]] = []  # (source number, offset)
+    for i, s in enumerate(sources):
+        chunk = s.backend.select_chunk
+        if chunk is None or s.numel <= chunk:
+            pieces.append(s)
+            owners.append((i, 0))
+            continue
+        for start in range(0, s.numel, chunk):
+            stop = min(start + chunk, s.numel)
+            s1 = None if s.sum_g is None else s.sum_g[start:stop]
+            pieces.append(
+                ScoreSource(s1, s.sum_g2[start:stop], stop - start, s.index_dtype, s.backend)
+            )
+            owners.append((i, start))
+    if len(pieces) == len(sources):
+        return global_topk(sources, k, method, eps)
+    idxs = global_topk(pieces, k, method, eps)
+    parts: list[list[Tensor]] = [[] for _ in sources]
+    for (i, start), idx in zip(owners, idxs, strict=True):
+        if idx.numel():
+            parts[i].append(idx.to(sources[i].index_dtype) + start if start else idx)
+    empty = [torch.empty(0, dtype=s.index_dtype, device=s.sum_g2.device) for s in sources]
+    return [
+        torch.cat(p) if len(p) > 1 else p[0] if p else e for p, e in zip(parts, empty, strict=True)
+    ]

@@ -17,7 +17,11 @@ from ._version import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("piece_optim._info", "print versions and the backends available here"),
     "demo": ("piece_optim.demo.cli", "continual-learning demo: PIECE vs SeqFT, LoRA, random"),
-    "bench": ("piece_optim.bench_cli", "micro and end-to-end benchmarks, CSV + plots"),
+}
+# Subcommands that moved: their old name answers with where they went.
+MOVED: dict[str, str] = {
+    "bench": "the benchmarks live in the repository: run `python -m benchmarks` from a source "
+    "checkout (see benchmarks/__main__.py)",
 }
 
 
@@ -35,12 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
             importlib.import_module(module).add_arguments(p)
         except ImportError as exc:  # optional dependency missing: say so when it runs
             p.set_defaults(_import_error=str(exc))
+    for name, where in MOVED.items():
+        p = sub.add_parser(name, help=argparse.SUPPRESS, add_help=False)
+        p.set_defaults(_moved=where)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "_moved", None):
+        print(f"piece-optim {args.command}: moved: {args._moved}", file=sys.stderr)
+        return 2
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

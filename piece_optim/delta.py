@@ -27,8 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._reference import index_dtype_for
-from .mask import SparseMask, atomic_save_safetensors, load_safetensors_checked, validate_indices
+from ._files import atomic_save_safetensors, load_safetensors_checked
+from ._indices import index_dtype_for, validate_indices
+from .mask import SparseMask
 
 _FORMAT = "piece_optim.SparseDelta/1"
 

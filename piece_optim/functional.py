@@ -1,4 +1,18 @@
-"""Functional layer: the optimizer class calls these, these call a backend's kernels."""
+"""The functional layer: the classes call these, these call a backend's kernels.
+
+Every product path goes through here, so the backend rule
+(:func:`piece_optim.backends.resolve`) and the shared preparation (AdamW scalars, index
+checks, stochastic-rounding keys) happen once, in one place:
+
+* :func:`accumulate_`: fold one gradient term into many pairs of sums;
+* :func:`scores`: the PIECE scores of one tensor's sums;
+* :func:`select_topk` (and :class:`ScoreSource` + :func:`global_topk` underneath): the exact
+  global top-k of the scores of many tensors;
+* :func:`sparse_adamw`: one AdamW step over many (sparse) tensors;
+* :func:`adamw_scalars`: the scalars of one AdamW step (torch's doubles).
+
+``backend``: ``"auto"`` or a name (see :mod:`piece_optim.backends`).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +21,29 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._backends import Backend, get_backend
 from ._bounds import check_step_indices
-from ._reference import compute_dtype
+from ._indices import index_dtype_for
+from ._select import ScoreSource, _chunked_topk, global_topk
+from .backends import Backend, group_by_backend, resolve
+from .backends.reference import AdamWScalars, adamw_scalars, compute_dtype
+
+__all__ = [
+    "AdamWScalars",
+    "ScoreSource",
+    "accumulate_",
+    "adamw_scalars",
+    "adamw_torch_",
+    "global_topk",
+    "refuse_foreign_adam_flags",
+    "score_sources",
+    "scores",
+    "select_topk",
+    "sparse_adamw",
+]
 
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _step_value(step: Tensor | int) -> int:
-    return int(step.item()) if isinstance(step, Tensor) else int(step)
 
 
 def refuse_foreign_adam_flags(param_groups: Sequence[dict]) -> None:
@@ -77,12 +103,15 @@ def sparse_adamw(
              \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
 
     and ``param.view(-1)[idx] = w``.  Entries outside ``idx`` are untouched.  All math is
-    fp32.
+    fp32 (float64 for float64 params).
 
     Two paths:
 
-    * Python-number hyperparameters, eager: the backend's fused kernel, tensors grouped by
-      backend (one batched call each); the step counts are read as ints.
+    * Python-number hyperparameters, eager: the backends' fused kernels.  The scalars are
+      made once per distinct step (:func:`adamw_scalars`); tensors are grouped by the
+      backend the rule gives their (device, param dtype, grad dtype), one batched call per
+      group; every index is checked before any backend writes (a backend that checks its
+      own indices before writing runs first; see :mod:`piece_optim._bounds`).
     * Under ``torch.compile``, or with a Tensor ``lr``/beta: :func:`adamw_torch_`, torch
       ops written like ``torch.optim.adamw``'s single-tensor path.  Traceable: step counts
       and a Tensor lr stay tensors (no ``.item()``, so no graph break), and eager it gives
@@ -109,30 +138,118 @@ def sparse_adamw(
                 grad_is_sparse=grad_is_sparse,
             )
         return
-    groups: dict[int, tuple[Backend, list[int]]] = {}
-    by_device: dict[torch.device, Backend] = {}  # resolve once per device, not per tensor
-    for i, p in enumerate(params):
-        be = by_device.get(p.device)
+    hp = (float(lr), float(beta1), float(beta2), float(eps), float(weight_decay))
+    scalars = []
+    last: tuple[int, AdamWScalars] | None = None  # the steps of one call are usually equal
+    for s in steps:
+        t = int(s.item()) if isinstance(s, Tensor) else int(s)
+        if last is None or last[0] != t:
+            last = (t, adamw_scalars(*hp, t))
+        scalars.append(last[1])
+    by_input: dict[tuple, Backend] = {}
+
+    def backend_of(i: int) -> Backend:
+        p = params[i]
+        key = (p.device, p.dtype, grads[i].dtype)
+        be = by_input.get(key)
         if be is None:
-            be = by_device[p.device] = get_backend(backend, p.device)
-        groups.setdefault(id(be), (be, []))[1].append(i)
-    int_steps = [_step_value(s) for s in steps]
-    for be, ids in groups.values():
+            be = by_input[key] = resolve(backend, "adamw", p.device, key[1:])
+        return be
+
+    groups = group_by_backend(range(len(params)), backend_of)
+    if len(groups) == 1:  # the usual case: no copies of the lists
+        be = groups[0][0]
+        if not be.checks_indices:
+            check_step_indices(params, idxs)
         be.adamw_step_many_(
-            [params[i] for i in ids],
-            [grads[i] for i in ids],
-            [idxs[i] for i in ids],
-            [exp_avgs[i] for i in ids],
-            [exp_avg_sqs[i] for i in ids],
-            [masters[i] for i in ids],
-            [int_steps[i] for i in ids],
-            lr=float(lr),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(eps),
-            weight_decay=float(weight_decay),
-            grad_is_sparse=grad_is_sparse,
+            params, grads, idxs, exp_avgs, exp_avg_sqs, masters, scalars, grad_is_sparse
         )
+        return
+    ordered = groups
+    unchecked = [i for be, ids in ordered if not be.checks_indices for i in ids]
+    check_step_indices([params[i] for i in unchecked], [idxs[i] for i in unchecked])
+    # backends that check their own indices first: they raise before anything is written
+    ordered.sort(key=lambda group: not group[0].checks_indices)
+    for be, ids in ordered:
+        be.adamw_step_many_(
+            *(
+                [seq[i] for i in ids]
+                for seq in (params, grads, idxs, exp_avgs, exp_avg_sqs, masters, scalars)
+            ),
+            grad_is_sparse,
+        )
+
+
+def accumulate_(
+    grads: Sequence[Tensor],
+    sum_gs: Sequence[Tensor | None],
+    sum_g2s: Sequence[Tensor],
+    *,
+    keys: Sequence[int] | None = None,
+    backend: str = "auto",
+) -> None:
+    """Fold one gradient term into each pair of sums: ``sum_g += g``, ``sum_g2 += g*g``.
+
+    fp32 math; bf16 sums are rounded to nearest even, or stochastically with ``keys`` (one
+    per tensor, :func:`piece_optim.backends.reference.stochastic_key`), bit for bit the
+    same on every backend.  One batched call per backend.
+    """
+
+    def backend_of(i: int) -> Backend:
+        g, s1, s2 = grads[i], sum_gs[i], sum_g2s[i]
+        return resolve(
+            backend, "accumulate", g.device, (g.dtype, s2.dtype, None if s1 is None else s1.dtype)
+        )
+
+    for be, ids in group_by_backend(range(len(grads)), backend_of):
+        be.accumulate_many_(
+            [grads[i] for i in ids],
+            [sum_gs[i] for i in ids],
+            [sum_g2s[i] for i in ids],
+            None if keys is None else [keys[i] for i in ids],
+        )
+
+
+def scores(
+    sum_g: Tensor | None, sum_g2: Tensor, method: str, eps: float, *, backend: str = "auto"
+) -> Tensor:
+    """The flat fp32 PIECE scores of one tensor's sums (``"piece-f"`` or ``"piece-s"``)."""
+    be = resolve(backend, "select", sum_g2.device, (sum_g2.dtype,))
+    return be.score(sum_g, sum_g2, method, eps)
+
+
+def score_sources(
+    sum_gs: Sequence[Tensor | None],
+    sum_g2s: Sequence[Tensor],
+    *,
+    backend: str = "auto",
+    numels: Sequence[int] | None = None,
+) -> list[ScoreSource]:
+    """:class:`ScoreSource` objects for :func:`global_topk`, each with the backend the rule
+    gives its sums; ``numels``: the tensors' sizes the index dtype follows (default: the
+    sums' own)."""
+    out = []
+    for i, (s1, s2) in enumerate(zip(sum_gs, sum_g2s, strict=True)):
+        n = s2.numel() if numels is None else numels[i]
+        be = resolve(backend, "select", s2.device, (s2.dtype,))
+        out.append(ScoreSource(s1, s2, s2.numel(), index_dtype_for(n), be))
+    return out
+
+
+def select_topk(
+    sum_gs: Sequence[Tensor | None],
+    sum_g2s: Sequence[Tensor],
+    k: int,
+    method: str,
+    eps: float,
+    *,
+    backend: str = "auto",
+) -> list[Tensor]:
+    """The exact global top-k of the scores of many tensors' sums: one sorted index tensor
+    (int32, int64 for 2**31+ entries) per tensor.  Ties at the threshold go to the lower
+    global position (tensor order, then flat index).  A backend that asks for it
+    (``select_chunk``) is handed the tensors in pieces; the result is the same."""
+    return _chunked_topk(score_sources(sum_gs, sum_g2s, backend=backend), k, method, eps)
 
 
 def adamw_torch_(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import weakref
 from collections.abc import Iterable, Sequence
 
@@ -12,11 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _hook_owners
-from ._backends import Backend, get_backend, validate_backend_name
-from ._reference import index_dtype_for
-from ._select import ScoreSource, global_topk
+from . import functional as F
+from ._dtensor import estimator_group, gather_global_indices, local_tensor, topk_hooks
+from ._indices import index_dtype_for
+from ._select import ScoreSource, _chunked_topk, global_topk
 from ._sparse_grad import SparseGrad
-from .distributed import estimator_group, gather_global_indices, local_tensor, topk_hooks
+from .backends import resolve, validate_backend_name
+from .backends.reference import stochastic_key
 from .mask import SparseMask
 
 METHODS = {"piece-f": "piece-f", "fisher": "piece-f", "piece-s": "piece-s",
@@ -45,7 +46,9 @@ class ImportanceEstimator:
         in_backward: fold each gradient into the sums from a post-accumulate-grad hook as
             soon as backward produces it, and drop the dense gradient, so no full set of
             gradients ever exists; every ``backward()`` is then one term.
-        accum_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (half the memory).
+        accum_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` (half the memory;
+            the sums are rounded stochastically, unbiased: see
+            :func:`piece_optim.backends.reference.accumulate_`).
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Parameters with ``requires_grad=False`` and zero-size parameters are skipped (and do
@@ -123,6 +126,7 @@ class ImportanceEstimator:
                 "no parameter is eligible for selection: all are frozen, empty or excluded "
                 f"(exclude={self.exclude!r})"
             )
+        self._number = {name: i for i, name in enumerate(self._params)}  # keys of the rounding
         self._group = estimator_group(model, list(self._params.values()), self.in_backward)
         self._sum_g: dict[str, Tensor | None] = {}
         self._sum_g2: dict[str, Tensor] = {}
@@ -141,8 +145,17 @@ class ImportanceEstimator:
             self._install_hooks()
 
     # -- accumulation -------------------------------------------------------------------
-    def _backend_for(self, t: Tensor) -> Backend:
-        return get_backend(self._backend_arg, t.device)
+    def _fold(self, names: Sequence[str], grads: Sequence[Tensor]) -> None:
+        """Fold one term: each named param's gradient into its sums (one batched call per
+        backend).  bf16 sums are rounded stochastically, keyed by (seed, term, tensor), so
+        the same gradients give the same sums, hence the same mask, on every backend."""
+        sums = [self._accumulators(n, self._params[n]) for n in names]
+        keys = None
+        if self.accum_dtype == torch.bfloat16:
+            keys = [stochastic_key(_SR_SEED, self._terms, self._number[n]) for n in names]
+        F.accumulate_(
+            grads, [s[0] for s in sums], [s[1] for s in sums], keys=keys, backend=self._backend_arg
+        )
 
     def _accumulators(self, name: str, p: Tensor) -> tuple[Tensor | None, Tensor]:
         if name not in self._sum_g2:
@@ -214,7 +227,8 @@ class ImportanceEstimator:
                     "loss.backward() first (with in_backward=True each backward is one term)"
                 )
             return
-        by_backend: dict[int, tuple[Backend, list, list, list]] = {}
+        names: list[str] = []
+        grads: list[Tensor] = []
         for name, p in self._params.items():
             if p.grad is None:
                 continue
@@ -228,13 +242,9 @@ class ImportanceEstimator:
                     "Call close() on that optimizer and model.zero_grad() before estimating "
                     "with this model"
                 )
-            s1, s2 = self._accumulators(name, p)
-            backend = self._backend_for(p)
-            entry = by_backend.setdefault(id(backend), (backend, [], [], []))
-            entry[1].append(local_tensor(p.grad))
-            entry[2].append(s1)
-            entry[3].append(s2)
-        if not by_backend:
+            names.append(name)
+            grads.append(local_tensor(p.grad))
+        if not names:
             other = _hook_owners.consumer_of(self._params.values(), exclude=self)
             if other is not None:
                 raise RuntimeError(
@@ -254,8 +264,7 @@ class ImportanceEstimator:
                 "collect()"
             )
         with torch.no_grad():
-            for backend, g, s1, s2 in by_backend.values():
-                self._fold_many(backend, g, s1, s2)
+            self._fold(names, grads)
         for p in self._params.values():
             p.grad = None
         for p in self._others:
@@ -273,11 +282,10 @@ class ImportanceEstimator:
                 est = ref()
                 if est is None or p.grad is None:
                     return
-                _check_not_reentrant_checkpoint()
+                _hook_owners.check_not_reentrant_checkpoint()
                 est._note_term(name)
-                s1, s2 = est._accumulators(name, p)
                 with torch.no_grad():
-                    est._fold_many(est._backend_for(p), [p.grad], [s1], [s2])
+                    est._fold([name], [p.grad])
                 p.grad = None
 
             return hook
@@ -328,7 +336,7 @@ class ImportanceEstimator:
                         self._sum_g2[name],
                         local_tensor(p).numel(),
                         index_dtype_for(local_tensor(p).numel()),
-                        self._backend_for(p),
+                        resolve(self._backend_arg, "select", p.device, (self.accum_dtype,)),
                     ),
                 )
             )
@@ -390,35 +398,6 @@ class ImportanceEstimator:
         indices = {name: idx for (name, _), idx in zip(sources, idxs, strict=True) if idx.numel()}
         return SparseMask(indices, {n: self._shapes[n] for n in indices}, self._numel_total)
 
-    # -- memory: bf16 accumulation with stochastic rounding ---------------------------------
-    _bf16_stochastic = True  # False: the backend's round-to-nearest (benchmarks compare)
-
-    def _fold_many(
-        self,
-        backend: Backend,
-        grads: Sequence[Tensor],
-        sum_gs: Sequence[Tensor | None],
-        sum_g2s: Sequence[Tensor],
-    ) -> None:
-        """Fold one term; fp32 accumulators go to the backend, bf16 ones are rounded
-        stochastically here (see :func:`accumulate_bf16_sr_`)."""
-        if self.accum_dtype != torch.bfloat16 or not self._bf16_stochastic:
-            backend.accumulate_many_(grads, sum_gs, sum_g2s)
-            return
-        for g, s1, s2 in zip(grads, sum_gs, sum_g2s, strict=True):
-            gen = self._sr_generators.get(g.device)
-            if gen is None:
-                gen = self._sr_generators[g.device] = torch.Generator(g.device)
-                gen.manual_seed(_SR_SEED)
-            accumulate_bf16_sr_(g, s1, s2, gen)
-
-    @property
-    def _sr_generators(self) -> dict[torch.device, torch.Generator]:
-        gens = self.__dict__.get("_sr_gens")
-        if gens is None:
-            gens = self.__dict__["_sr_gens"] = {}
-        return gens
-
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Remove hooks and free the accumulators."""
@@ -442,108 +421,5 @@ class ImportanceEstimator:
         return n
 
 
-# -- memory helpers (bf16 accumulators, reentrant checkpointing, chunked selection) --------
-_SR_SEED = 0x5EED  # fixed: the same gradients give the same bf16 sums, hence the same mask
-_SR_CHUNK = 1 << 18  # 256K entries: fp32 temporaries of ~3 MiB instead of a whole tensor
-_SELECT_CHUNK = 1 << 20  # entries per score source in select(): bounds the histogram temps
-
-
-def accumulate_bf16_sr_(
-    grad: Tensor, sum_g: Tensor | None, sum_g2: Tensor, generator: torch.Generator
-) -> None:
-    """``sum_g += g``, ``sum_g2 += g*g`` into bf16 sums, fp32 math, stochastic rounding.
-
-    Why: with round-to-nearest a bf16 sum stops growing once a term is below half an ulp
-    of it (2**-9 of the sum): over hundreds of calibration batches sum g^2 of an entry
-    with one large early term then ignores every later one, a bias that moves entries
-    across the top-k threshold.  Stochastic rounding (add 16 random low bits to the fp32
-    result, then truncate to bf16) is unbiased: each sum's expected value is the exact
-    fp32 sum, at the cost of a little variance, and needs no extra storage (Kahan
-    compensation would need a second bf16 buffer, i.e. fp32's memory).  The random bits
-    come from a fixed-seed generator, so the same gradients give the same mask.  Work is
-    done in chunks of ``_SR_CHUNK`` entries so the fp32 temporaries stay small.
-    """
-    g_all = grad.reshape(-1)
-    n = g_all.numel()
-    for start in range(0, n, _SR_CHUNK):
-        stop = min(start + _SR_CHUNK, n)
-        g = g_all[start:stop].float()
-        if sum_g is not None:
-            _sr_store_(sum_g[start:stop], sum_g[start:stop].float().add_(g), generator)
-        _sr_store_(sum_g2[start:stop], sum_g2[start:stop].float().addcmul_(g, g), generator)
-
-
-def _sr_store_(dst: Tensor, x: Tensor, generator: torch.Generator) -> None:
-    """Round fp32 ``x`` to bf16 stochastically and write it into ``dst``.
-
-    Adding a uniform 16-bit integer to the fp32 bit pattern and clearing the low 16 bits
-    rounds the magnitude up with probability (dropped bits) / 2**16, for either sign.
-    Inf stays inf (its low bits are zero); NaN stays NaN.
-    """
-    bits = x.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device,
-                          generator=generator)  # fmt: skip
-    bits.add_(noise).bitwise_and_(-65536)
-    dst.copy_(bits.view(torch.float32))  # exact: the value has bf16 precision
-
-
-def _check_not_reentrant_checkpoint() -> None:
-    """Raise if this in_backward hook runs inside a reentrant checkpoint's backward.
-
-    ``torch.utils.checkpoint(use_reentrant=True)`` recomputes a segment and runs a nested
-    backward for it, so a parameter used both inside and outside that segment (tied
-    embeddings, a block applied twice) gets two post-accumulate-grad hook calls in one
-    ``backward()``: its term would be split in two, counting g1^2 + g2^2 instead of
-    (g1 + g2)^2 and starting a spurious new term.  The non-reentrant checkpoint has one
-    backward and is exact.  Checked by looking for the checkpoint's backward frame (a few
-    frames up the stack, cheap next to the accumulation).
-    """
-    f = sys._getframe(1)
-    for _ in range(64):
-        if f is None:
-            return
-        code = f.f_code
-        if code.co_name == "backward" and code.co_filename.replace("\\", "/").endswith(
-            "torch/utils/checkpoint.py"
-        ):
-            raise RuntimeError(
-                "ImportanceEstimator(in_backward=True) cannot run under reentrant activation "
-                "checkpointing (torch.utils.checkpoint(..., use_reentrant=True)): its nested "
-                "backward splits a gradient term in two.  Use use_reentrant=False (HF: "
-                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                "{'use_reentrant': False})), or in_backward=False with collect()"
-            )
-        f = f.f_back
-
-
-def _chunked_topk(sources: list[ScoreSource], k: int, method: str, eps: float) -> list[Tensor]:
-    """:func:`global_topk` over sources split into chunks of ``_SELECT_CHUNK`` entries.
-
-    Why: a backend's histogram pass may build temporaries proportional to the tensor it
-    scores (the pure-torch one: ~40 B per entry), so one 6M-entry lm_head alone added
-    ~170 MiB to the estimation peak.  Chunks keep the global order (tensor, then flat
-    index), so ties and the result are unchanged; indices are shifted back per tensor.
-    """
-    pieces: list[ScoreSource] = []
-    owners: list[tuple[int, int]] = []  # (source number, offset)
-    for i, s in enumerate(sources):
-        if s.numel <= _SELECT_CHUNK:
-            pieces.append(s)
-            owners.append((i, 0))
-            continue
-        for start in range(0, s.numel, _SELECT_CHUNK):
-            stop = min(start + _SELECT_CHUNK, s.numel)
-            pieces.append(ScoreSource(None if s.sum_g is None else s.sum_g[start:stop],
-                                      s.sum_g2[start:stop], stop - start, s.index_dtype,
-                                      s.backend))  # fmt: skip
-            owners.append((i, start))
-    idxs = global_topk(pieces, k, method, eps)
-    parts: list[list[Tensor]] = [[] for _ in sources]
-    for (i, start), idx in zip(owners, idxs, strict=True):
-        if idx.numel():
-            parts[i].append(idx.to(sources[i].index_dtype) + start if start else idx)
-    return [
-        torch.cat(p) if len(p) > 1 else p[0] if p else
-        torch.empty(0, dtype=s.index_dtype, device=s.sum_g2.device)
-        for p, s in zip(parts, sources, strict=True)
-    ]  # fmt: skip
+# fixed: the same gradients give the same bf16 sums, hence the same mask
+_SR_SEED = 0x5EED

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._dtensor import check_sparse_allreduce_wrapper, manual_average_group
+from .distributed import sparse_allreduce_hook
 from .importance import ImportanceEstimator
 from .mask import SparseMask
 from .optim import MASK_FROM_STATE_DICT, SparseAdamW
@@ -101,11 +103,15 @@ def estimate_mask(
         raise ValueError(f"n_batches={n_batches!r} must be a positive int")
     from tqdm.auto import tqdm
 
-    group = _data_parallel_group(model)
+    group = manual_average_group(model)
     with ImportanceEstimator(model, method=method, eps=eps, exclude=exclude) as est:
         seen = 0
-        for batch in tqdm(islice(batches, n_batches), total=n_batches, disable=not progress,
-                          desc="PIECE importance"):  # fmt: skip
+        for batch in tqdm(
+            islice(batches, n_batches),
+            total=n_batches,
+            disable=not progress,
+            desc="PIECE importance",
+        ):
             _loss_of(model, batch).backward()
             if group is not None:
                 _average_grads(model, group)
@@ -118,19 +124,6 @@ def estimate_mask(
         mask = est.select(ratio=ratio)
     model.zero_grad(set_to_none=True)
     return mask
-
-
-def _data_parallel_group(model: nn.Module) -> Any | None:
-    """The default group when plain-module grads must be averaged by hand, else None."""
-    from .distributed import is_ddp, is_dtensor
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1 or is_ddp(model):
-        return None
-    if any(is_dtensor(p) for p in model.parameters()):
-        return None
-    return torch.distributed.group.WORLD
 
 
 def _average_grads(model: nn.Module, group: Any) -> None:
@@ -174,8 +167,16 @@ class PieceOptimizerFactory:
     checkpoint's optimizer state, which Trainer loads right after creating it.
     """
 
-    def __init__(self, trainer: Any, n_batches: int, ratio: float, method: str, eps: float,
-                 exclude: Iterable[str], optimizer_kwargs: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        trainer: Any,
+        n_batches: int,
+        ratio: float,
+        method: str,
+        eps: float,
+        exclude: Iterable[str],
+        optimizer_kwargs: dict[str, Any],
+    ) -> None:
         self.trainer = trainer
         self.n_batches = n_batches
         self.ratio = ratio
@@ -217,8 +218,9 @@ class PieceOptimizerFactory:
             {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
-        hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                  eps=args.adam_epsilon)  # fmt: skip
+        hp = dict(
+            lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+        )
         hp.update(self.optimizer_kwargs)
         hp.update(kwargs)
         self.optimizer = SparseAdamW(groups, mask=mask, **hp)
@@ -273,8 +275,9 @@ def use_piece(
         ) from exc
     if getattr(trainer, "optimizer", None) is not None:
         raise RuntimeError("use_piece: the trainer already has an optimizer; do not pass one")
-    factory = PieceOptimizerFactory(trainer, n_batches, ratio, method, eps, exclude,
-                                    dict(optimizer_kwargs))  # fmt: skip
+    factory = PieceOptimizerFactory(
+        trainer, n_batches, ratio, method, eps, exclude, dict(optimizer_kwargs)
+    )
     builder = _Builder(factory)
     if not is_optimizer_factory(builder):
         raise RuntimeError("this transformers version does not treat callables as factories")
@@ -296,21 +299,17 @@ def use_sparse_allreduce(trainer: Any) -> None:
     """
     from transformers import TrainerCallback
 
-    from .distributed import is_ddp, sparse_allreduce_hook
-
     class _Register(TrainerCallback):
         def __init__(self) -> None:
             self.done: set[int] = set()
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             model = trainer.model_wrapped
-            if not is_ddp(model):
-                if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                    raise NotImplementedError(
-                        f"use_sparse_allreduce: the Trainer wrapped the model in "
-                        f"{type(model).__name__}; the sparse all-reduce works under DDP only"
-                    )
-                return
+            try:
+                if not check_sparse_allreduce_wrapper(model):
+                    return  # one process: nothing to reduce
+            except NotImplementedError as exc:
+                raise NotImplementedError(f"use_sparse_allreduce: {exc}") from None
             if id(model) in self.done:  # DDP takes one comm hook; a second train() reuses it
                 return
             opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps

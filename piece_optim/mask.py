@@ -2,74 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import re
-import secrets
-import socket
-import stat
-import warnings
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ._reference import index_dtype_for
+from ._files import atomic_save_safetensors, load_safetensors_checked
+from ._indices import index_dtype_for, union_indices, validate_indices
+
+__all__ = [
+    "BoundMask",
+    "MaskSpec",
+    "SparseMask",
+    "canonical_name",
+    "index_dtype_for",
+    "mask_spec",
+    "union_indices",
+    "validate_indices",
+]
 
 _FORMAT = "piece_optim.SparseMask/1"
 _LEGACY_KEYS = frozenset({"format", "numel_total", "shapes", "order"})  # before checksums
-
-
-_UNSIGNED = tuple(
-    getattr(torch, n) for n in ("uint8", "uint16", "uint32", "uint64") if hasattr(torch, n)
-)
-
-
-def validate_indices(idx: Tensor, numel: int, what: str) -> Tensor:
-    """Check ``idx`` is a 1-D integer tensor of sorted unique indices into ``numel`` entries.
-
-    Returns a new, private tensor of the canonical index dtype (int32, int64 for tensors
-    of 2**31 entries or more), contiguous, on ``idx``'s device: never the caller's tensor,
-    so editing the caller's tensor later cannot change (or push out of range) what the
-    owner of the result indexes.  Any integer dtype is accepted, unsigned ones included
-    (checked as int64: a difference of uint8 values wraps).  Raises ValueError naming
-    ``what`` otherwise.
-    """
-    if not isinstance(idx, Tensor):
-        idx = torch.as_tensor(idx)
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise ValueError(f"{what}: indices must be an integer tensor, got dtype {idx.dtype}")
-    if idx.dim() != 1:
-        raise ValueError(f"{what}: indices must be 1-D flat indices, got shape {tuple(idx.shape)}")
-    if idx.device.type == "meta":
-        raise ValueError(f"{what}: indices are on the meta device (no values to check)")
-    if idx.dtype in _UNSIGNED:
-        # torch has no min/max/sub for uint16/32/64; uint64 above 2**63 turns negative
-        # here, and the range check below refuses it
-        idx = idx.to(torch.int64)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= numel:
-            raise ValueError(
-                f"{what}: index out of range [0, {numel}) (min {lo}, max {hi}); indices are "
-                "flat positions into the parameter (param.view(-1))"
-            )
-        if idx.numel() > 1:
-            d = idx[1:] - idx[:-1]
-            if bool((d == 0).any()):
-                raise ValueError(f"{what}: duplicated indices; pass sorted unique indices")
-            if bool((d < 0).any()):
-                raise ValueError(f"{what}: indices are not sorted; pass torch.sort(idx).values")
-    return idx.to(index_dtype_for(numel), memory_format=torch.contiguous_format, copy=True)
-
-
-def union_indices(a: Tensor, b: Tensor, numel: int) -> Tensor:
-    """Sorted unique union of two index tensors into ``numel`` entries (canonical dtype)."""
-    u = torch.unique(torch.cat([a.to(torch.int64), b.to(torch.int64).to(a.device)]))
-    return u.to(index_dtype_for(numel)).contiguous()
 
 
 class SparseMask(Mapping[str, Tensor]):
@@ -203,8 +160,9 @@ class SparseMask(Mapping[str, Tensor]):
         return out
 
     def to(self, device: torch.device | str) -> SparseMask:
-        return SparseMask({n: i.to(device) for n, i in self._idx.items()}, self._shapes,
-                          self._numel_total)  # fmt: skip
+        return SparseMask(
+            {n: i.to(device) for n, i in self._idx.items()}, self._shapes, self._numel_total
+        )
 
     # -- renaming (wrappers such as PEFT, DDP, torch.compile) ----------------------------------
     def rename(self, names: Mapping[str, str] | Callable[[str], str]) -> SparseMask:
@@ -315,6 +273,50 @@ class SparseMask(Mapping[str, Tensor]):
         return mask.to(device) if torch.device(device).type != "cpu" else mask
 
 
+@dataclass
+class MaskSpec:
+    """What ``SparseAdamW(mask=...)`` was given, in one form (:func:`mask_spec`).
+
+    ``kind``: ``"dense"`` (``mask=None``), ``"pending"`` (the mask comes from the next
+    ``load_state_dict``), ``"names"`` (keyed by parameter name: a :class:`SparseMask` or a
+    mapping of str) or ``"params"`` (keyed by parameter tensor: ``mask.bind(model)``).
+    """
+
+    kind: str
+    by_name: dict[str, Tensor] = field(default_factory=dict)
+    by_param: dict[Tensor, Tensor] = field(default_factory=dict)
+    param_names: dict[Tensor, str] = field(default_factory=dict)  # from bind(): for errors
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    numel_total: int | None = None
+
+
+def mask_spec(mask: object, pending: bool = False) -> MaskSpec:
+    """The three kinds of mask an optimizer takes, told apart once (see :class:`MaskSpec`);
+    raises TypeError for anything else."""
+    if mask is None:
+        return MaskSpec("dense")
+    if pending:
+        return MaskSpec("pending")
+    if isinstance(mask, SparseMask):
+        return MaskSpec(
+            "names",
+            by_name=dict(mask.items()),
+            shapes={n: mask.shape(n) for n in mask.names()},
+            numel_total=mask.numel_total(),
+        )
+    if isinstance(mask, Mapping):
+        keys = list(mask.keys())
+        names = dict(getattr(mask, "param_names", {}))
+        if all(isinstance(k, str) for k in keys):
+            return MaskSpec("names", by_name=dict(mask), param_names=names)
+        if all(isinstance(k, Tensor) for k in keys):
+            return MaskSpec("params", by_param=dict(mask), param_names=names)
+        raise TypeError(
+            "mask must map parameter names (str) or parameter tensors to indices, not a mix"
+        )
+    raise TypeError(f"mask must be None, a SparseMask or a mapping, got {type(mask).__name__}")
+
+
 class BoundMask(dict):
     """What :meth:`SparseMask.bind` returns: ``{param: indices}`` plus ``param_names``."""
 
@@ -347,177 +349,3 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= int(s)
     return n
-
-
-# -- files: atomic writes, checksums, clear errors ------------------------------------------
-_CHECKSUM_KEY = "piece_optim.sha256"
-
-
-def payload_sha256(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> str:
-    """SHA-256 of a file's payload: every metadata entry but the checksum itself, and every
-    tensor's name, dtype, shape and bytes, in name order (so a bit flip anywhere in them,
-    or in the header that locates them, is caught)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted((k, v) for k, v in meta.items() if k != _CHECKSUM_KEY)).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
-def load_safetensors_checked(
-    path: str | os.PathLike, fmt: str, what: str, kind: str, legacy_keys: frozenset[str]
-) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """``(metadata, tensors)`` of a piece_optim safetensors file of format ``fmt``.
-
-    Every failure names ``path``: a missing file (FileNotFoundError), an empty, truncated
-    or non-safetensors file, a safetensors file of another format, a checksum mismatch
-    (ValueError).  Files written before checksums were stored (metadata keys exactly
-    ``legacy_keys``) load with a warning (decision: they were valid when written and cannot
-    be re-verified; the warning says to re-save them); a file with other keys but no
-    checksum had its checksum entry damaged and is refused.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        if path.exists():
-            raise ValueError(f"{what}: {path} is not a file")
-        raise FileNotFoundError(f"{what}: no such file {str(path)!r}")
-    if path.stat().st_size == 0:
-        raise ValueError(
-            f"{what}: {path} is empty (0 bytes), not a {kind} file; was the save "
-            "interrupted before piece_optim wrote it atomically?"
-        )
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != fmt:
-                raise _WrongFormat(meta.get("format"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except _WrongFormat as exc:
-        raise ValueError(
-            f"{what}: {path} is a safetensors file but not a piece_optim {kind} file (format "
-            f"{exc.args[0]!r}, expected {fmt!r})"
-        ) from None
-    except Exception as exc:  # SafetensorError, OSError, ...: not a readable safetensors file
-        raise ValueError(
-            f"{what}: cannot read {path} as a {kind} file: it is truncated, corrupted or not "
-            f"a safetensors file ({type(exc).__name__}: {exc})"
-        ) from exc
-    stored = meta.get(_CHECKSUM_KEY)
-    if stored is None and set(meta) != legacy_keys:
-        raise ValueError(
-            f"{what}: {path} is corrupted: its checksum entry is missing or damaged (metadata "
-            f"keys {sorted(meta)})"
-        )
-    if stored is None:
-        warnings.warn(
-            f"{what}: {path} has no checksum (written by piece_optim before checksums were "
-            "stored), so corruption cannot be detected; load and save it again to add one",
-            UserWarning,
-            stacklevel=3,
-        )
-    elif stored != payload_sha256(tensors, meta):
-        raise ValueError(
-            f"{what}: {path} is corrupted: the SHA-256 of its contents does not match the one "
-            "stored when it was written (a changed byte, a bad copy or disk). Use a good copy"
-        )
-    return meta, tensors
-
-
-class _WrongFormat(Exception):
-    pass
-
-
-def atomic_save_safetensors(tensors: dict[str, Tensor], path: Path, meta: dict[str, str]) -> None:
-    """Write a safetensors file so that ``path`` only ever holds a complete file.
-
-    The data go to a temporary file in the same folder (``.<name>.<host>.<pid>.<rand>.tmp``),
-    which is fsynced and then renamed over ``path`` (and the folder fsynced): an
-    exception, a KeyboardInterrupt, a SIGKILL or a power cut leaves the old file or the new
-    one, never a mix.  The temporary file is removed on an exception; one left by a killed
-    process is removed by the next save to the same path (when its process is gone).
-    Permissions follow ``torch.save``: a new file gets ``0o666 & ~umask``, an overwritten
-    one keeps its mode.  A SHA-256 of the payload is added to the metadata.
-    """
-    from safetensors.torch import save as serialize
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    meta = {**meta, _CHECKSUM_KEY: payload_sha256(tensors, meta)}
-    # serialised here and written through our own descriptor: safetensors' save_file
-    # writes its own temporary file (mode 0600, a name no later save can attribute)
-    data = serialize(tensors, metadata=meta)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
-    tmp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # O_EXCL: a fresh file; mode 0o666 is filtered by the umask, as open(path, "wb") is
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        try:
-            if mode is not None:
-                os.fchmod(fd, mode)
-            _write_payload(fd, data)
-            os.fsync(fd)  # the data are on disk before the rename makes them the file
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_payload(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Remove temporary files of earlier saves to ``path`` whose process is gone (killed
-    mid-save); only this host's, since a pid means nothing on another machine."""
-    prefix = f".{path.name}.{_HOST}."
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return
-    for name in names:
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
-            continue
-        pid_part = name[len(prefix) :].split(".", 1)[0]
-        if not pid_part.isdigit() or _pid_alive(int(pid_part)):
-            continue
-        with contextlib.suppress(OSError):
-            os.unlink(path.parent / name)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists, owned by someone else (or unknown): leave its file alone
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

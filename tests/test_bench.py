@@ -1,4 +1,4 @@
-"""Tests for the benchmark harness, ``piece-optim bench`` and ``benchmarks/gpu_check.sh``.
+"""Tests for the benchmark harness, ``python -m benchmarks`` and ``benchmarks/gpu_check.sh``.
 
 No timed assertions: timings are only checked for being positive and for the columns
 derived from them (speedup, GB/s, fraction of copy bandwidth) matching their formulas.
@@ -18,15 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from piece_optim import bench_cli
+from benchmarks import e2e, harness, micro
+from benchmarks.__main__ import main as bench_main
 from piece_optim.cli import main as cli_main
 
 pytestmark = pytest.mark.cpu_only("the benchmark CSV/script checks run at toy sizes on CPU")
 
-harness = bench_cli._import("harness")
-e2e = bench_cli._import("e2e")
-micro = bench_cli._import("micro")
-REPO = Path(bench_cli.__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 # The CSV keeps 6 significant digits (harness._fmt): a value read back is within 5e-6
 # relative of the one computed, so a ratio of two read-back values is within ~1e-5.
@@ -94,9 +92,21 @@ def test_make_row_derives_columns(seed: int) -> None:
     t, b = _timing(rng), _timing(rng)
     n = rng.randint(1000, 10**7)
     copy = rng.uniform(1.0, 100.0)
-    row = harness.make_row("step", "torch", t, prov=_prov(), n=n, k=n // 1000 + 1, ratio=1e-3,
-                           baseline="AdamW", baseline_timing=b, bytes_moved=32 * n,
-                           copy_gbps=copy, model={"hidden": 7}, phase="step")  # fmt: skip
+    row = harness.make_row(
+        "step",
+        "torch",
+        t,
+        prov=_prov(),
+        n=n,
+        k=n // 1000 + 1,
+        ratio=1e-3,
+        baseline="AdamW",
+        baseline_timing=b,
+        bytes_moved=32 * n,
+        copy_gbps=copy,
+        model={"hidden": 7},
+        phase="step",
+    )
     assert list(row) == list(harness.COLUMNS)
     assert row["speedup"] == pytest.approx(b.median_ms / t.median_ms, rel=1e-12)
     gbps = 32 * n / (t.median_ms * 1e-3) / 1e9
@@ -109,8 +119,9 @@ def test_make_row_derives_columns(seed: int) -> None:
 
 
 def test_commit_is_the_repo_head() -> None:
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True)  # fmt: skip
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
     commit = harness.git_commit()
     if head.returncode == 0:
         assert commit.split("+")[0] == head.stdout.strip()
@@ -126,8 +137,10 @@ def test_append_rows_header_once_and_roundtrip(tmp_path: Path, seed: int) -> Non
     rng = random.Random(seed)
     path = tmp_path / "sub" / "bench.csv"
     prov = _prov()
-    first = [harness.make_row("accumulate", "torch", _timing(rng), prov=prov, n=rng.randint(1, 99))
-             for _ in range(3)]  # fmt: skip
+    first = [
+        harness.make_row("accumulate", "torch", _timing(rng), prov=prov, n=rng.randint(1, 99))
+        for _ in range(3)
+    ]
     second = [harness.make_row("copy", "torch", _timing(rng), prov=prov, n=7)]
     assert harness.append_rows(path, first) == 3
     assert harness.append_rows(path, second) == 1
@@ -176,8 +189,9 @@ def test_append_rows_is_atomic_when_the_write_fails(tmp_path: Path, monkeypatch)
 def _writer(path: str, tag: int, count: int) -> None:
     prov = harness.provenance("cpu")
     for i in range(count):
-        row = harness.make_row(f"w{tag}", "torch", harness.Timing(1.0 + i, 0.0, (1.0,)),
-                               prov=prov, n=i)  # fmt: skip
+        row = harness.make_row(
+            f"w{tag}", "torch", harness.Timing(1.0 + i, 0.0, (1.0,)), prov=prov, n=i
+        )
         harness.append_rows(path, [row, row])
 
 
@@ -209,8 +223,16 @@ def test_memory_rows_absent_and_present(monkeypatch, capsys) -> None:
     class Fake:
         @staticmethod
         def run(quick: bool) -> list[dict]:
-            return [{"benchmark": "memory", "backend": "SparseAdamW", "phase": "step",
-                     "peak_mem_mib": 12.5, "quick": quick, "peak_bytes": 13107200}]  # fmt: skip
+            return [
+                {
+                    "benchmark": "memory",
+                    "backend": "SparseAdamW",
+                    "phase": "step",
+                    "peak_mem_mib": 12.5,
+                    "quick": quick,
+                    "peak_bytes": 13107200,
+                }
+            ]
 
     monkeypatch.setitem(sys.modules, "benchmarks.memory", Fake)
     (row,) = e2e.memory_rows(True)
@@ -222,8 +244,10 @@ def test_memory_rows_absent_and_present(monkeypatch, capsys) -> None:
     class LikeMemoryPy:  # the row shape benchmarks/memory.py returns
         @staticmethod
         def run(quick: bool) -> list[dict]:
-            return [{"bench": "memory", "phase": "adamw", "peak_growth_mib": 40.0,
-                     "torch": "x"}, {"bench": "memory", "phase": "overlap", "k": 3}]  # fmt: skip
+            return [
+                {"bench": "memory", "phase": "adamw", "peak_growth_mib": 40.0, "torch": "x"},
+                {"bench": "memory", "phase": "overlap", "k": 3},
+            ]
 
     monkeypatch.setitem(sys.modules, "benchmarks.memory", LikeMemoryPy)
     first, second = e2e.memory_rows(False)
@@ -233,20 +257,20 @@ def test_memory_rows_absent_and_present(monkeypatch, capsys) -> None:
     assert (second["benchmark"], second["k"], second["peak_mem_mib"]) == ("memory", 3, "")
 
 
-# -- piece-optim bench ------------------------------------------------------------------
+# -- python -m benchmarks ---------------------------------------------------------------
 def test_bench_quick_writes_rows_and_plots(tmp_path: Path, monkeypatch) -> None:
     import torch
 
-    monkeypatch.setenv("PIECE_BENCH_TINY", "1")
+    monkeypatch.setenv("PIECE_OPTIM_BENCH_TINY", "1")
     out = tmp_path / "out"
     # PIECE_OPTIM_BACKEND=cuda (or native triton) names a backend that cannot take CPU
     # tensors: then the bench runs on the GPU, or, without one, must refuse clearly.
     device = "cpu" if micro.backends_to_run("cpu") else "cuda"
-    args = ["bench", "--quick", "--threads", "0", "--device", device, "--out", str(out)]
+    args = ["--quick", "--threads", "0", "--device", device, "--out", str(out)]
     if device == "cuda" and not torch.cuda.is_available():
-        assert cli_main(args) == 2
+        assert bench_main(args) == 2
         return
-    assert cli_main(args) == 0
+    assert bench_main(args) == 0
     header, rows = _rows(out / "bench.csv")
     assert header == list(harness.COLUMNS)
     assert len(rows) >= 6
@@ -285,19 +309,19 @@ def _has_matplotlib() -> bool:
     return True
 
 
-def test_bench_fails_clearly_without_benchmarks_dir(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench_cli, "benchmarks_dir", lambda: tmp_path / "nowhere")
-    assert cli_main(["bench", "--quick", "--out", str(tmp_path)]) == 2
+def test_piece_optim_bench_says_where_the_benchmarks_went(capsys) -> None:
+    """The installed package never imports benchmarks/: its old subcommand points there."""
+    assert cli_main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
-    assert "benchmarks folder was not found" in err and "source checkout" in err
+    assert "moved" in err and "python -m benchmarks" in err and "source checkout" in err
 
 
 def test_bench_rejects_conflicting_flags(tmp_path: Path, capsys) -> None:
-    assert cli_main(["bench", "--quick", "--max-n", "1000000000", "--out", str(tmp_path)]) == 2
+    assert bench_main(["--quick", "--max-n", "1000000000", "--out", str(tmp_path)]) == 2
     assert "--max-n" in capsys.readouterr().err
-    assert cli_main(["bench", "--no-e2e", "--memory", "--out", str(tmp_path)]) == 2
+    assert bench_main(["--no-e2e", "--memory", "--out", str(tmp_path)]) == 2
     assert "--memory" in capsys.readouterr().err
-    assert cli_main(["bench", "--quick", "--threads", "-1", "--out", str(tmp_path)]) == 2
+    assert bench_main(["--quick", "--threads", "-1", "--out", str(tmp_path)]) == 2
     assert "--threads" in capsys.readouterr().err
     assert not (tmp_path / "bench.csv").exists()
 
@@ -307,7 +331,7 @@ def test_bench_rejects_cuda_without_gpu(tmp_path: Path, capsys) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device cuda is valid here")
-    assert cli_main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert bench_main(["--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "no GPU" in capsys.readouterr().err
 
 
@@ -315,8 +339,9 @@ def test_bench_rejects_cuda_without_gpu(tmp_path: Path, capsys) -> None:
 def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHON": sys.executable, **env}
     full_env.pop("OUT", None)
-    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
-                          env=full_env, timeout=240)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(GPU_CHECK), *args], capture_output=True, text=True, env=full_env, timeout=240
+    )
 
 
 def test_gpu_check_syntax() -> None:
@@ -330,10 +355,15 @@ def test_gpu_check_arguments() -> None:
     for word in ("--out", "--max-n", "--budget", "--dry-run", "390 s", "summary.txt"):
         assert word in r.stdout
     assert "set -uo" not in r.stdout
-    for bad, msg in ((["--bogus"], "unknown argument"), (["--out"], "needs a folder"),
-                     (["--max-n"], "needs a number"), (["--max-n", "abc"], "not a number"),
-                     (["--max-n", "1000"], ">= 1e6"), (["--budget"], "needs seconds"),
-                     (["--budget", "5m"], "whole seconds")):  # fmt: skip
+    for bad, msg in (
+        (["--bogus"], "unknown argument"),
+        (["--out"], "needs a folder"),
+        (["--max-n"], "needs a number"),
+        (["--max-n", "abc"], "not a number"),
+        (["--max-n", "1000"], ">= 1e6"),
+        (["--budget"], "needs seconds"),
+        (["--budget", "5m"], "whole seconds"),
+    ):
         r = _gpu_check(*bad)
         assert r.returncode == 2, bad
         assert msg in r.stderr, (bad, r.stderr)
@@ -350,8 +380,16 @@ def test_gpu_check_no_budget_skips_every_stage(tmp_path: Path) -> None:
     assert all(s[1] == "skipped(no-time)" for s in stages)
 
 
-GPU_STAGES = ["env", "build", "backends", "tests-cuda", "tests-triton", "bench-select",
-              "bench-step", "bench-memory"]  # fmt: skip
+GPU_STAGES = [
+    "env",
+    "build",
+    "backends",
+    "tests-cuda",
+    "tests-triton",
+    "bench-select",
+    "bench-step",
+    "bench-memory",
+]
 
 
 def test_gpu_check_dry_run_writes_csv(tmp_path: Path) -> None:
@@ -379,8 +417,17 @@ def test_gpu_check_dry_run_writes_csv(tmp_path: Path) -> None:
     header, rows = _rows(out / "bench.csv")
     assert header == list(harness.COLUMNS)
     kinds = {r["benchmark"] for r in rows}
-    assert kinds == {"gpu_copy", "gpu_accumulate", "gpu_select", "gpu_collect", "gpu_est_select",
-                     "gpu_dense_adamw", "gpu_step", "gpu_opt_step", "gpu_memory"}  # fmt: skip
+    assert kinds == {
+        "gpu_copy",
+        "gpu_accumulate",
+        "gpu_select",
+        "gpu_collect",
+        "gpu_est_select",
+        "gpu_dense_adamw",
+        "gpu_step",
+        "gpu_opt_step",
+        "gpu_memory",
+    }
     for r in rows:
         assert float(r["time_ms"]) > 0 and r["commit"] and r["timestamp"], r
         assert {"driver", "cuda", "dtype"} <= set(json.loads(r["extra"])), r
@@ -398,14 +445,25 @@ def test_gpu_check_dry_run_writes_csv(tmp_path: Path) -> None:
 def test_plot_memory_bars_and_latest_rows(tmp_path: Path, seed: int) -> None:
     if not _has_matplotlib():
         pytest.skip("matplotlib is an optional extra")
-    plot = bench_cli._import("plot")
+    from benchmarks import plot
+
     rng = random.Random(seed)
     prov = _prov()
     path = tmp_path / "bench.csv"
     for run in range(2):  # the second run's rows must replace the first's
-        rows = [harness.normalize_row({"benchmark": "memory", "backend": opt, "phase": ph,
-                                       "peak_mem_mib": rng.uniform(1, 100) + run}, prov)
-                for opt in ("AdamW", "SparseAdamW") for ph in ("estimate", "train")]  # fmt: skip
+        rows = [
+            harness.normalize_row(
+                {
+                    "benchmark": "memory",
+                    "backend": opt,
+                    "phase": ph,
+                    "peak_mem_mib": rng.uniform(1, 100) + run,
+                },
+                prov,
+            )
+            for opt in ("AdamW", "SparseAdamW")
+            for ph in ("estimate", "train")
+        ]
         harness.append_rows(path, rows)
     kept = plot.latest(harness.read_rows(path))
     assert len(kept) == 4

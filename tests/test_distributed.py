@@ -23,8 +23,8 @@ from helpers import TinyNet, fresh_seed
 
 import piece_optim as po
 from piece_optim import distributed as pd
-from piece_optim._backends import get_backend
-from piece_optim._select import ScoreSource, global_topk
+from piece_optim.backends import get_backend
+from piece_optim.functional import ScoreSource, global_topk
 
 pytestmark = pytest.mark.cpu_only("2 processes with the gloo backend on CPU")
 
@@ -36,8 +36,16 @@ TIMEOUT_S = 240
 def dist_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist")
     seed = fresh_seed()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(WORKER), str(out), str(seed)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(out),
+        str(seed),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::UserWarning")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     log = (proc.stdout + proc.stderr)[-6000:]
@@ -128,8 +136,9 @@ def test_mask_checksum(seed: int) -> None:
     idx = m[name].clone()
     idx[-1] = idx[-1] + 1 if int(idx[-1]) + 1 < torch.Size(m.shape(name)).numel() else idx[-1] - 1
     idx = torch.unique(idx)
-    other = po.SparseMask({**dict(m.items()), name: idx},
-                          {n: m.shape(n) for n in m.names()}, m.numel_total())  # fmt: skip
+    other = po.SparseMask(
+        {**dict(m.items()), name: idx}, {n: m.shape(n) for n in m.names()}, m.numel_total()
+    )
     assert pd.mask_checksum(other) != pd.mask_checksum(m)
 
 
@@ -229,11 +238,15 @@ def test_sharded_optimizer_state_dict_round_trip(seed: int) -> None:
     assert opt2.param_groups[0]["lr"] == 1e-2
     _train(model, opt, xs[2:])
     _train(twin, opt2, xs[2:])
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(),
-                                                  strict=True))  # fmt: skip
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True)
+    )
 
-    other = po.SparseMask({n: mask[n][:-1] for n in mask.names()},
-                          {n: mask.shape(n) for n in mask.names()}, mask.numel_total())  # fmt: skip
+    other = po.SparseMask(
+        {n: mask[n][:-1] for n in mask.names()},
+        {n: mask.shape(n) for n in mask.names()},
+        mask.numel_total(),
+    )
     m3 = copy.deepcopy(model)
     opt3 = po.SparseAdamW(m3.named_parameters(), mask=other)
     with pytest.raises(ValueError, match="different mask"):

@@ -10,7 +10,7 @@ import torch
 from helpers import DEVICE, TinyNet, batches
 
 import piece_optim as po
-from piece_optim._select import ScoreSource, global_topk
+from piece_optim.functional import ScoreSource, global_topk
 
 
 def _float64_sums(model: TinyNet, data) -> tuple[dict, dict, dict]:
@@ -38,7 +38,8 @@ def _float64_sums(model: TinyNet, data) -> tuple[dict, dict, dict]:
 
 
 def brute_force_topk(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Stable sort by (-score, global position): the tie rule of DESIGN.md (on the CPU)."""
+    """Stable sort by (-score, global position): the tie rule (the lower global position
+    wins), on the CPU."""
     flat = torch.cat([s.reshape(-1).double().cpu() for s in scores])
     order = torch.sort(-flat, stable=True).indices[:k]
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -106,9 +107,11 @@ def test_select_equals_brute_force(seed, method, ratio):
 
 
 def _sources(tensors):
-    be = po._backends.get_backend("auto", DEVICE)
-    return [ScoreSource(None, t.reshape(-1).contiguous().to(DEVICE), t.numel(), torch.int32, be)
-            for t in tensors]  # fmt: skip
+    be = po.backends.get_backend("auto", DEVICE)
+    return [
+        ScoreSource(None, t.reshape(-1).contiguous().to(DEVICE), t.numel(), torch.int32, be)
+        for t in tensors
+    ]
 
 
 @pytest.mark.parametrize("n_levels", [1, 2, 7])
@@ -201,11 +204,17 @@ def test_in_backward_equals_collect(seed):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"ratio": 0.0}, r"\(0, 1\]"), ({"ratio": 1.5}, r"\(0, 1\]"),
-     ({"ratio": float("nan")}, r"\(0, 1\]"), ({"ratio": -0.1}, r"\(0, 1\]"),
-     ({}, "exactly one"), ({"ratio": 0.1, "k": 3}, "exactly one"), ({"k": 0}, "positive"),
-     ({"k": 2.5}, "positive")],
-)  # fmt: skip
+    [
+        ({"ratio": 0.0}, r"\(0, 1\]"),
+        ({"ratio": 1.5}, r"\(0, 1\]"),
+        ({"ratio": float("nan")}, r"\(0, 1\]"),
+        ({"ratio": -0.1}, r"\(0, 1\]"),
+        ({}, "exactly one"),
+        ({"ratio": 0.1, "k": 3}, "exactly one"),
+        ({"k": 0}, "positive"),
+        ({"k": 2.5}, "positive"),
+    ],
+)
 def test_select_bad_arguments(seed, kwargs, match):
     model = TinyNet()
     est = po.ImportanceEstimator(model)

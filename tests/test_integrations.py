@@ -58,21 +58,38 @@ class Tokens(Dataset):
 
 def tiny_llama(seed: int) -> torch.nn.Module:
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).float()
 
 
 def trainer_for(model, ds, tmp_path, args_kw=None, **kw):
     args = dict(
-        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=BS,
-        learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS,
-        weight_decay=0.0, max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0,
-        use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=BS,
+        learning_rate=LR,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        adam_epsilon=EPS,
+        weight_decay=0.0,
+        max_grad_norm=CLIP,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     args.update(args_kw or {})
     args = transformers.TrainingArguments(**args)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, **kw)
@@ -89,8 +106,9 @@ def manual_run(model, ds, mask, clip=CLIP, steps=STEPS, **opt_kw) -> list[float]
     """What Trainer should do: 20 steps, clip to CLIP, constant lr, SparseAdamW.
 
     Returns the gradient norms clip_grad_norm_ saw (before clipping)."""
-    opt = po.SparseAdamW(model.named_parameters(), mask=mask, lr=LR, betas=BETAS, eps=EPS,
-                         weight_decay=0.0, **opt_kw)  # fmt: skip
+    opt = po.SparseAdamW(
+        model.named_parameters(), mask=mask, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, **opt_kw
+    )
     step, norms = 0, []
     while step < steps:
         for batch in loader(ds):
@@ -139,8 +157,11 @@ def test_trainer_use_piece_estimates_then_trains(seed: int, tmp_path) -> None:
     piece = use_piece(trainer, n_batches=N_CALIB, ratio=RATIO)
     trainer.train()
 
-    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else (
-        trainer.optimizer)  # fmt: skip
+    opt = (
+        trainer.optimizer.optimizer
+        if hasattr(trainer.optimizer, "optimizer")
+        else (trainer.optimizer)
+    )
     assert isinstance(opt, po.SparseAdamW)
     total = sum(p.numel() for p in model.parameters())
     assert piece.mask.numel_selected() == int(RATIO * total) == opt.trainable_numel()
@@ -148,8 +169,9 @@ def test_trainer_use_piece_estimates_then_trains(seed: int, tmp_path) -> None:
     check_only_mask_changed(model, start, piece.mask)
 
     # the same estimate + loop by hand, on the same first N_CALIB batches
-    want_mask = estimate_mask(twin, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO,
-                              progress=False)  # fmt: skip
+    want_mask = estimate_mask(
+        twin, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO, progress=False
+    )
     assert want_mask == piece.mask
     manual_run(twin, ds, want_mask)
     assert max_rel(model, twin) < 1e-5
@@ -159,14 +181,18 @@ def test_trainer_optimizer_cls_and_kwargs(seed: int, tmp_path) -> None:
     ds = Tokens(seed)
     model = tiny_llama(seed)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = estimate_mask(model, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO,
-                         method="piece-f", progress=False)  # fmt: skip
+    mask = estimate_mask(
+        model, iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO, method="piece-f", progress=False
+    )
     kw = piece_trainer_optimizer(model, mask, lr=LR, betas=BETAS, eps=EPS)
     trainer = trainer_for(model, ds, tmp_path, optimizer_cls_and_kwargs=kw)
     trainer.train()
     check_only_mask_changed(model, start, mask)
-    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else (
-        trainer.optimizer)  # fmt: skip
+    opt = (
+        trainer.optimizer.optimizer
+        if hasattr(trainer.optimizer, "optimizer")
+        else (trainer.optimizer)
+    )
     assert isinstance(opt, po.SparseAdamW)
     got = opt.mask_indices()  # unnamed params (Trainer's groups): keyed by position
     want = [mask[n] for n, _ in model.named_parameters() if n in mask]
@@ -224,18 +250,27 @@ def test_trainer_max_grad_norm_clips_sparse_grads(seed: int, tmp_path) -> None:
     """sparse_grads=True: Trainer's max_grad_norm clips (and logs the norm of) the SparseGrads."""
     ds = Tokens(seed)
     base = tiny_llama(seed)
-    mask = estimate_mask(copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB,
-                         ratio=RATIO, progress=False)  # fmt: skip
+    mask = estimate_mask(
+        copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO, progress=False
+    )
     runs = {}
     for clip in (0.05, 0.0):
         model = copy.deepcopy(base)
         kw = piece_trainer_optimizer(model, mask, sparse_grads=True, **HP)
-        trainer = trainer_for(model, ds, tmp_path / str(clip), optimizer_cls_and_kwargs=kw,
-                              args_kw=dict(max_grad_norm=clip, max_steps=6,
-                                           logging_strategy="steps", logging_steps=1))  # fmt: skip
+        trainer = trainer_for(
+            model,
+            ds,
+            tmp_path / str(clip),
+            optimizer_cls_and_kwargs=kw,
+            args_kw=dict(
+                max_grad_norm=clip, max_steps=6, logging_strategy="steps", logging_steps=1
+            ),
+        )
         trainer.train()
-        runs[clip] = (model, [h["grad_norm"] for h in trainer.state.log_history
-                              if "grad_norm" in h])  # fmt: skip
+        runs[clip] = (
+            model,
+            [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h],
+        )
     assert not same(runs[0.05][0], runs[0.0][0])  # clipping changed the training
     twin = copy.deepcopy(base)
     norms = manual_run(twin, ds, mask, clip=0.05, steps=6, sparse_grads=True)
@@ -248,16 +283,22 @@ def test_trainer_max_grad_norm_clips_sparse_grads(seed: int, tmp_path) -> None:
 def test_trainer_gradient_accumulation_sparse_equals_dense_grads(seed: int, tmp_path) -> None:
     ds = Tokens(seed)
     base = tiny_llama(seed)
-    mask = estimate_mask(copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB,
-                         ratio=RATIO, progress=False)  # fmt: skip
+    mask = estimate_mask(
+        copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO, progress=False
+    )
     models = []
     for sparse in (False, True):
         model = copy.deepcopy(base)
         kw = piece_trainer_optimizer(model, mask, sparse_grads=sparse, **HP)
-        args = dict(max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=2,
-                    max_grad_norm=0.0)  # fmt: skip
-        trainer_for(model, ds, tmp_path / str(sparse), optimizer_cls_and_kwargs=kw,
-                    args_kw=args).train()  # fmt: skip
+        args = dict(
+            max_steps=4,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            max_grad_norm=0.0,
+        )
+        trainer_for(
+            model, ds, tmp_path / str(sparse), optimizer_cls_and_kwargs=kw, args_kw=args
+        ).train()
         models.append(model)
     assert same(*models)
     assert not same(models[0], base)
@@ -279,8 +320,9 @@ def test_trainer_resume_is_bit_exact(seed: int, tmp_path, path: str, monkeypatch
     )
     ds = Tokens(seed)
     base = tiny_llama(seed)
-    mask = estimate_mask(copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB,
-                         ratio=RATIO, progress=False)  # fmt: skip
+    mask = estimate_mask(
+        copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB, ratio=RATIO, progress=False
+    )
     args = dict(max_steps=6, save_strategy="steps", save_steps=3, save_only_model=False)
 
     def run(out, resume):
@@ -345,8 +387,14 @@ def test_peft_renamed_mask_is_refused_then_remapped(seed: int, tmp_path) -> None
     ds = Tokens(seed)
     base = tiny_llama(seed)
     twin = copy.deepcopy(base)
-    mask = estimate_mask(copy.deepcopy(base), iter(loader(ds)), n_batches=N_CALIB,
-                         ratio=RATIO, exclude=("embed", "lm_head"), progress=False)  # fmt: skip
+    mask = estimate_mask(
+        copy.deepcopy(base),
+        iter(loader(ds)),
+        n_batches=N_CALIB,
+        ratio=RATIO,
+        exclude=("embed", "lm_head"),
+        progress=False,
+    )
     bound_early = piece_trainer_optimizer(base, mask, **HP)  # bound before PEFT wraps the model
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cfg = peft.LoraConfig(r=2, target_modules=targets, lora_dropout=0.0)

@@ -303,9 +303,10 @@ def test_sparse_grads_bf16_params_accumulate_like_dense_grads(seed):
 
 # -- importance: bf16 accumulators, reentrant checkpointing, chunked selection ------------
 def test_bf16_stochastic_rounding_is_unbiased_where_nearest_stalls(seed):
-    """Terms below half an ulp of the sum: round-to-nearest drops them all, SR does not."""
-    from piece_optim import _reference as ref
-    from piece_optim.importance import accumulate_bf16_sr_
+    """Terms below half an ulp of the sum: round-to-nearest drops them all, stochastic
+    rounding does not (through the stage's backend: its kernels round stochastically)."""
+    from piece_optim import functional as F
+    from piece_optim.backends import reference as ref
 
     g = torch.Generator().manual_seed(seed)
     n, terms = 4099, 300
@@ -315,14 +316,14 @@ def test_bf16_stochastic_rounding_is_unbiased_where_nearest_stalls(seed):
     rne_g2 = start.to(torch.bfloat16)
     exact_g = sr_g.double().clone()
     exact_g2 = sr_g2.double().clone()
-    gen = torch.Generator(DEVICE).manual_seed(seed + 1)
-    for _ in range(terms):
+    for term in range(terms):
         t = ((torch.rand(n, generator=g) * 2 - 1) * 2**-10).to(DEVICE)  # |t| < 2**-10
         # t2*t2 < 2**-10 < half ulp
         t2 = ((torch.rand(n, generator=g) * 0.5 + 0.5) * 2**-5).to(DEVICE)
-        accumulate_bf16_sr_(t, sr_g, torch.zeros(n, dtype=torch.bfloat16, device=DEVICE), gen)
-        accumulate_bf16_sr_(t2, None, sr_g2, gen)
-        ref.accumulate_(t2, None, rne_g2)
+        keys = [ref.stochastic_key(seed, term, 0), ref.stochastic_key(seed, term, 1)]
+        zeros = torch.zeros(n, dtype=torch.bfloat16, device=DEVICE)
+        F.accumulate_([t, t2], [sr_g, None], [zeros, sr_g2], keys=keys)
+        F.accumulate_([t2], [None], [rne_g2])  # no keys: round to nearest
         exact_g += t.double()
         exact_g2 += t2.double() ** 2
     assert torch.equal(rne_g2, start.to(torch.bfloat16))  # nearest: every term lost
@@ -341,8 +342,10 @@ def test_bf16_accumulators_deterministic_and_close(seed):
     model = TinyNet()
     models = [model, copy.deepcopy(model), copy.deepcopy(model)]
     dts = (torch.bfloat16, torch.bfloat16, torch.float32)
-    ests = [po.ImportanceEstimator(m, method="piece-s", accum_dtype=dt)
-            for m, dt in zip(models, dts, strict=True)]  # fmt: skip
+    ests = [
+        po.ImportanceEstimator(m, method="piece-s", accum_dtype=dt)
+        for m, dt in zip(models, dts, strict=True)
+    ]
     for x, y in batches(5, seed + 2):
         for m, est in zip(models, ests, strict=True):
             m.loss(x, y).backward()
@@ -383,8 +386,7 @@ def test_in_backward_with_activation_checkpointing(seed, reentrant):
 
 
 def test_chunked_select_equals_unchunked(seed, monkeypatch):
-    import piece_optim.importance as imp
-
+    """A backend that asks for pieces (``select_chunk``) gets them; the mask is the same."""
     torch.manual_seed(seed)
     model = TinyNet()
     est = po.ImportanceEstimator(model, method="piece-f")
@@ -394,7 +396,8 @@ def test_chunked_select_equals_unchunked(seed, monkeypatch):
     for s2 in est._sum_g2.values():  # coarse values: many ties across chunk borders
         s2.copy_((s2 / s2.max() * 8).round())
     whole = est.select(ratio=0.1)
-    monkeypatch.setattr(imp, "_SELECT_CHUNK", 97)
+    be = po.backends.resolve(est.backend, "select", DEVICE, (torch.float32,))
+    monkeypatch.setattr(be, "select_chunk", 97)
     chunked = est.select(ratio=0.1)
     assert chunked == whole
     assert chunked.numel_selected() == whole.numel_selected() == int(0.1 * est._numel_total)

@@ -2,7 +2,7 @@
 
 The backend under test is the stage's (``PIECE_OPTIM_BACKEND``: torch, cpu, triton; the
 default stage resolves "auto", i.e. the C++ kernels); the oracle is
-:mod:`piece_optim._reference`.  Inputs: random shapes (0-size, 1-element, odd sizes and
+:mod:`piece_optim.backends.reference`.  Inputs: random shapes (0-size, 1-element, odd sizes and
 the kernels' block and threading boundaries, non-contiguous gradients and parameters),
 dtypes, masks, gradients with NaN / +-inf / huge (g*g overflows) / denormal / signed-zero
 entries, and tie-heavy score distributions.  Invariants checked:
@@ -28,8 +28,8 @@ entries, and tie-heavy score distributions.  Invariants checked:
 Budget: hypothesis runs derandomized (a fixed seed per test, no example database), so CI
 takes the same examples, and the same time, every run.  Examples per test per stage are
 in ``_EXAMPLES`` (the Triton interpreter stage takes few and smaller sizes); set
-``PIECE_PROPERTY_EXAMPLES_SCALE=10`` to multiply every budget, and
-``PIECE_PROPERTY_RANDOM=1`` to draw fresh examples (a local search for new failures).
+``PIECE_OPTIM_PROPERTY_EXAMPLES_SCALE=10`` to multiply every budget, and
+``PIECE_OPTIM_PROPERTY_RANDOM=1`` to draw fresh examples (a local search for new failures).
 """
 
 from __future__ import annotations
@@ -44,18 +44,14 @@ import torch
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
+from helpers import assert_ulp, tol_of, ulp_of  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_triton_kernels import W_ULP, assert_ulp, ulp_of  # noqa: E402
 
 import piece_optim as po  # noqa: E402
-from piece_optim import _reference as ref  # noqa: E402
-from piece_optim._backends import (  # noqa: E402
-    BackendUnavailableError,
-    TorchBackend,
-    get_backend,
-)
-from piece_optim._select import ScoreSource, global_topk  # noqa: E402
+from piece_optim import backends  # noqa: E402
+from piece_optim import functional as F  # noqa: E402
+from piece_optim.backends import reference as ref  # noqa: E402
 from piece_optim.mask import validate_indices  # noqa: E402
 
 pytestmark = [
@@ -66,21 +62,22 @@ pytestmark = [
 ]
 
 try:
-    BE = get_backend("auto", "cpu")  # the stage's backend (PIECE_OPTIM_BACKEND wins)
-except BackendUnavailableError:  # a GPU stage (compiled Triton): cpu_only deselects us
-    BE = TorchBackend()
+    BE = backends.get_backend("auto", "cpu")  # the stage's backend (PIECE_OPTIM_BACKEND wins)
+except backends.BackendUnavailableError:  # a GPU stage (compiled Triton): cpu_only deselects us
+    BE = backends.load("torch")
 TRITON = BE.name == "triton"
+W_ULP = tol_of("triton", torch.device("cpu")).w
 TORCH_FMA = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 # Examples per test, (kernel-heavy tests, the others), per stage: the Triton interpreter
 # runs each program in numpy (~100x slower), and a heavy example at the 65537 edge costs
 # ~0.2 s on CI's 2 cores; these keep each stage's property tests near 20 s there.
 _EXAMPLES = {"triton": (6, 12), "torch": (20, 40), "cpu": (30, 60)}
-_SCALE = float(os.environ.get("PIECE_PROPERTY_EXAMPLES_SCALE", "1"))
+_SCALE = float(os.environ.get("PIECE_OPTIM_PROPERTY_EXAMPLES_SCALE", "1"))
 HEAVY, LIGHT = (max(1, int(n * _SCALE)) for n in _EXAMPLES.get(BE.name, (30, 60)))
 settings.register_profile(
     "piece_ci",
     max_examples=LIGHT,
-    derandomize=os.environ.get("PIECE_PROPERTY_RANDOM", "0") != "1",
+    derandomize=os.environ.get("PIECE_OPTIM_PROPERTY_RANDOM", "0") != "1",
     database=None,
     deadline=None,
     print_blob=True,
@@ -161,7 +158,7 @@ def test_accumulate_and_scores_equal_reference(data, n, gdt, adt):
     for _ in range(data.draw(st.integers(1, 2))):
         g = data.draw(values(n, F32)).to(gdt)
         g = _maybe_strided(data.draw, g)
-        BE.accumulate_(g, s1, s2)
+        BE.accumulate_many_([g], [s1], [s2])
         ref.accumulate_(g, r1, r2)
     _same_bits_or_nan(s1, r1, "sum_g")
     if TORCH_FMA or BE.name == "torch":
@@ -221,28 +218,26 @@ def _oracle(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     sizes=st.lists(SIZES, min_size=1, max_size=4),
 )
 def test_selection_is_exact_k_and_equals_the_oracle(data, method, sizes):
-    import piece_optim.importance as imp
-
     if sum(sizes) == 0:
         sizes = [*sizes, 1]
     eps = data.draw(st.sampled_from([0.0, 1.0]))
     sums = [data.draw(score_sums(n, method)) for n in sizes]
-    sources = [ScoreSource(s1, s2, s2.numel(), torch.int32, BE) for s1, s2 in sums]
+    sources = [F.ScoreSource(s1, s2, s2.numel(), torch.int32, BE) for s1, s2 in sums]
     scores = [BE.score(s1, s2, method, eps) for s1, s2 in sums]
     total = sum(sizes)
     k = data.draw(st.one_of(st.integers(1, total), st.sampled_from([1, total])))
-    chunk = data.draw(st.sampled_from([imp._SELECT_CHUNK, 97, 1024]))
+    chunk = data.draw(st.sampled_from([1 << 20, 97, 1024]))
     if any(not s.isfinite().all() for s in scores):
         with pytest.raises(FloatingPointError, match="NaN, infinite"):
-            global_topk(sources, k, method, eps)
+            F.global_topk(sources, k, method, eps)
         return
     want = _oracle(scores, k)
-    got = global_topk(sources, k, method, eps)
-    old, imp._SELECT_CHUNK = imp._SELECT_CHUNK, chunk
+    got = F.global_topk(sources, k, method, eps)
+    BE.select_chunk = chunk  # the pieces selection hands a backend that asks for them
     try:
-        chunked = imp._chunked_topk(sources, k, method, eps)
+        chunked = F.select_topk([s1 for s1, _ in sums], [s2 for _, s2 in sums], k, method, eps)
     finally:
-        imp._SELECT_CHUNK = old
+        del BE.select_chunk  # the class's own value again
     assert sum(i.numel() for i in got) == k
     for a, b, w in zip(got, chunked, want, strict=True):
         assert torch.equal(a.long(), w) and torch.equal(b.long(), w)
@@ -256,7 +251,7 @@ class _WeightBound:
     backend computes it with the reference); else per step ``ulps`` fp32 ulps of
     ``|w_old| + |w_new|`` (Triton: W_ULP, the reference's faithful sqrt; C++ on a non-fma
     torch: 2) plus one ulp of the storage dtype, carried over from step to step, as
-    test_triton_kernels.WeightTol does."""
+    helpers.WeightTol does."""
 
     def __init__(self) -> None:
         self.tol: torch.Tensor | float = 0.0
@@ -281,7 +276,9 @@ class _WeightBound:
 @given(
     data=st.data(),
     n=SIZES,
-    pdt=st.sampled_from([F32, BF16, F16, F64]),
+    # float64: the reference only (the kernels compute fp32 and refuse it, tested in
+    # test_backends.py; "auto" hands it to the reference)
+    pdt=st.sampled_from([F32, BF16, F16, F64] if BE.name == "torch" else [F32, BF16, F16]),
     mode=st.sampled_from(["idx32", "idx64", "dense", "sparse_grad"]),
 )
 def test_adamw_step_equals_reference_and_leaves_the_rest(data, n, pdt, mode):
@@ -315,7 +312,8 @@ def test_adamw_step_equals_reference_and_leaves_the_rest(data, n, pdt, mode):
         sparse = mode == "sparse_grad"
         g = data.draw(values(k if sparse else n, F32)).to(gdt)
         p_old, w_old = p_r.clone(), (None if w_r is None else w_r.clone())
-        BE.adamw_step_many_([p], [g], [idx], [m], [v], [w], [step], grad_is_sparse=sparse, **hyper)
+        sc = F.adamw_scalars(**hyper, step=step)
+        BE.adamw_step_many_([p], [g], [idx], [m], [v], [w], [sc], sparse)
         ref.adamw_step_(p_r, g, idx, m_r, v_r, w_r, step=step, grad_is_sparse=sparse, **hyper)
         _same_bits_or_nan(m, m_r, "exp_avg")
         _same_bits_or_nan(v, v_r, "exp_avg_sq")

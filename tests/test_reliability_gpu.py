@@ -18,8 +18,8 @@ from helpers import DEVICE
 from torch import nn
 
 import piece_optim as po
-from piece_optim import _reference as ref
-from piece_optim._backends import get_backend
+from piece_optim.backends import get_backend
+from piece_optim.backends import reference as ref
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs PIECE_OPTIM_TEST_DEVICE=cuda")
 NAN, INF = float("nan"), float("inf")

@@ -1,39 +1,28 @@
 // CPU kernels of piece_optim: raw pointers and plain types only (no torch headers), so
 // the torch glue (csrc/ops.cpp) stays the only place that knows about at::Tensor.
 //
-// Semantics are piece_optim/_reference.py's, bit for bit on machines where torch's CPU
-// kernels use FMA (AVX2/AVX512 builds): torch contracts `s + c*g*g` into fma(c*g, g, s)
+// Semantics are piece_optim/backends/reference.py's, bit for bit on machines where torch's
+// CPU kernels use FMA (AVX2/AVX512 builds): torch contracts `s + c*g*g` into fma(c*g, g, s)
 // and computes lerp with fma, so these kernels call fmaf at exactly those places.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "types.h"
+
 namespace piece_optim::cpu {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
-enum class Method : int { F = 0, S = 1 };  // F: sum_g2; S: |sum_g| / sqrt(sum_g2 + eps)
+using piece_optim::AccumItem;
+using piece_optim::AdamItem;
+using piece_optim::DType;
+using piece_optim::Method;
+using piece_optim::ScoreSrc;
 
-// ---- accumulate: sum_g += g, sum_g2 += g*g (fp32 math), many tensors in ONE parallel pass
-struct AccumItem {
-  const void* grad;
-  DType grad_dtype;
-  void* sum_g;  // may be null
-  void* sum_g2;
-  DType acc_dtype;  // dtype of sum_g and sum_g2
-  int64_t n;
-};
+// ---- accumulate: many tensors in ONE parallel pass (see AccumItem in types.h)
 void accumulate_many(const std::vector<AccumItem>& items);
 
 // ---- scores, fused into the histogram and the compaction
-struct ScoreSrc {
-  const void* sum_g;  // null for piece-f
-  const void* sum_g2;
-  DType acc_dtype;
-  int64_t n;
-  Method method;
-  float eps;
-};
 void score(const ScoreSrc& src, float* out);
 
 // Adds to hist[65536] the count of each element with bits >> (shift + 16) == prefix, in bin
@@ -64,27 +53,6 @@ int64_t compact_count(const CompactPlan& plan, int64_t take_eq);
 void compact_write(const CompactPlan& plan, int64_t take_eq, void* out, bool idx64);
 
 // ---- AdamW (torch single-tensor op order) on the entries idx (all when idx is null)
-struct AdamItem {
-  void* param;
-  DType param_dtype;
-  const void* grad;
-  DType grad_dtype;
-  bool grad_is_sparse;
-  const void* idx;  // null: dense
-  bool idx64;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* master;  // may be null
-  int64_t n;      // number of entries updated
-  // Python-side doubles, rounded to fp32 here exactly as torch rounds scalar arguments
-  double decay;      // 1 - lr * weight_decay
-  double w1;         // 1 - beta1 (lerp weight)
-  double beta2;      // beta2
-  double c2;         // 1 - beta2
-  double eps;
-  double step_size;  // lr / (1 - beta1**step)
-  double bc2_sqrt;   // sqrt(1 - beta2**step)
-};
 void adamw_many(const std::vector<AdamItem>& items);
 
 // Position of the first index outside [0, numel) in idx[0, k), or -1 when all are in range.

@@ -10,8 +10,8 @@ __global__ void adamw_kernel(AdamArgs a) {
   typename P::T* param = static_cast<typename P::T*>(a.param);
   const typename G::T* grad = static_cast<const typename G::T*>(a.grad);
   const I* idx = static_cast<const I*>(a.idx);
-  const float decay = float(a.decay), w1 = float(a.w1), b2 = float(a.beta2);
-  const float c2 = float(a.c2), eps = float(a.eps), bc2 = float(a.bc2_sqrt);
+  const float decay = float(a.decay), w1 = float(a.lerp_weight), b2 = float(a.beta2);
+  const float c2 = float(a.sq_weight), eps = float(a.eps), bc2 = float(a.bc2_sqrt);
   const float neg_step = -float(a.step_size);
   const bool small = fabsf(w1) < 0.5f;
   const float coeff = small ? w1 : __fsub_rn(w1, 1.0f);
@@ -47,8 +47,8 @@ cudaError_t launch_pg(const AdamArgs& a, cudaStream_t st) {
 template <class P>
 cudaError_t launch_p(const AdamArgs& a, cudaStream_t st) {
   switch (a.grad_dtype) {
-    case kF32: return launch_pg<P, F32>(a, st);
-    case kBF16: return launch_pg<P, BF16>(a, st);
+    case DType::F32: return launch_pg<P, F32>(a, st);
+    case DType::BF16: return launch_pg<P, BF16>(a, st);
     default: return launch_pg<P, F16>(a, st);
   }
 }
@@ -58,8 +58,8 @@ cudaError_t launch_p(const AdamArgs& a, cudaStream_t st) {
 cudaError_t adamw(const AdamArgs& a, cudaStream_t stream) {
   if (a.n == 0) return cudaSuccess;
   switch (a.param_dtype) {
-    case kF32: return launch_p<F32>(a, stream);
-    case kBF16: return launch_p<BF16>(a, stream);
+    case DType::F32: return launch_p<F32>(a, stream);
+    case DType::BF16: return launch_p<BF16>(a, stream);
     default: return launch_p<F16>(a, stream);
   }
 }

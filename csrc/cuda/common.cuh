@@ -12,6 +12,7 @@
 namespace piece_optim::cuda {
 
 constexpr int kThreads = 256;
+constexpr int kPieceF = 0, kPieceS = 1;  // the method as a template argument
 
 inline unsigned grid_for(int64_t n, int64_t per_block = kThreads) {
   int64_t b = (n + per_block - 1) / per_block;
@@ -29,6 +30,10 @@ struct BF16 {
   using T = __nv_bfloat16;
   static __device__ __forceinline__ float ld(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 st(float x) { return __float2bfloat16_rn(x); }
+  // rounded stochastically with 16 bits of noise (types.h)
+  static __device__ __forceinline__ __nv_bfloat16 st_stochastic(float x, uint32_t noise16) {
+    return __ushort_as_bfloat16(bf16_stochastic(__float_as_uint(x), x != x, noise16));
+  }
 };
 struct F16 {
   using T = __half;
@@ -45,7 +50,8 @@ __device__ __forceinline__ uint32_t score_bits(const ScoreArgs& s, int64_t i) {
     v = A::ld(s2[i]);
   } else {
     const typename A::T* s1 = static_cast<const typename A::T*>(s.sum_g);
-    // _reference.score's rule: NaN in -> NaN out; den == +inf (g*g overflowed) -> +inf;
+    // The rule of reference.score (piece_optim/backends/reference.py): NaN in -> NaN
+    // out; den == +inf (g*g overflowed) -> +inf;
     // den == 0 -> 0.  `num * 0` is 0 for a finite numerator and NaN for a NaN one.
     const float num = fabsf(A::ld(s1[i]));
     const float den = __fsqrt_rn(__fadd_rn(A::ld(s2[i]), s.eps));
@@ -60,10 +66,11 @@ __device__ __forceinline__ uint32_t score_bits(const ScoreArgs& s, int64_t i) {
 // Calls f.template operator()<A, M>() for the runtime accumulator dtype and method.
 template <class F>
 cudaError_t dispatch_score(const ScoreArgs& s, F&& f) {
-  if (s.acc_dtype == kF32) {
-    return s.method == kPieceF ? f.template run<F32, kPieceF>() : f.template run<F32, kPieceS>();
+  const bool piece_f = s.method == Method::F;
+  if (s.acc_dtype == DType::F32) {
+    return piece_f ? f.template run<F32, kPieceF>() : f.template run<F32, kPieceS>();
   }
-  return s.method == kPieceF ? f.template run<BF16, kPieceF>() : f.template run<BF16, kPieceS>();
+  return piece_f ? f.template run<BF16, kPieceF>() : f.template run<BF16, kPieceS>();
 }
 
 }  // namespace piece_optim::cuda

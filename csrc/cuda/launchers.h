@@ -10,28 +10,21 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "types.h"
+
 namespace piece_optim::cuda {
 
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-enum Method : int { kPieceF = 0, kPieceS = 1 };
+using ScoreArgs = piece_optim::ScoreSrc;
+using AdamArgs = piece_optim::AdamItem;
 
-// sum_g += g (when sum_g is not null), sum_g2 += g*g, fp32 math; acc_dtype is kF32 or kBF16.
-cudaError_t accumulate(const void* grad, int grad_dtype, void* sum_g, void* sum_g2,
-                       int acc_dtype, int64_t n, cudaStream_t stream);
-
-struct ScoreArgs {
-  const void* sum_g;  // null for piece-f
-  const void* sum_g2;
-  int acc_dtype;
-  int method;
-  float eps;
-  int64_t n;
-};
+// types.h's AccumItem: sum_g += g (when sum_g is not null), sum_g2 += g*g, fp32 math; bf16
+// sums rounded to nearest even, or stochastically.
+cudaError_t accumulate(const AccumItem& it, cudaStream_t stream);
 
 cudaError_t score(const ScoreArgs& s, float* out, cudaStream_t stream);
 
 // hist: replicas * 65536 int64 counters (added to; the histogram is the sum of the
-// replicas, block b adds to replica b % replicas); see _reference.histogram_.
+// replicas, block b adds to replica b % replicas); see piece_optim/backends/reference.py.
 cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int replicas, int shift,
                             int64_t prefix, cudaStream_t stream);
 
@@ -45,25 +38,7 @@ cudaError_t compact(const ScoreArgs& s, uint32_t thr, int64_t take_eq, void* wor
                     size_t workspace_bytes, int64_t* out, int64_t* counts, cudaStream_t stream);
 cudaError_t narrow_indices(const int64_t* in, int32_t* out, int64_t n, cudaStream_t stream);
 
-struct AdamArgs {
-  void* param;
-  int param_dtype;
-  const void* grad;
-  int grad_dtype;
-  bool grad_is_sparse;
-  const void* idx;  // null: dense
-  bool idx64;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* master;  // may be null
-  int64_t n;
-  double decay, w1, beta2, c2, eps, step_size, bc2_sqrt;  // as in csrc/cpu/kernels.h
-  // Bounds: an index outside [0, numel) is skipped (nothing read or written for that
-  // entry) and sets *err to 1 (err may be null).  The host checks the indices before the
-  // launch; this guards an index changed behind that check.
-  int64_t numel;  // entries of the parameter
-  int* err;
-};
+// types.h's AdamItem (its err flag guards an index changed behind the host's check).
 cudaError_t adamw(const AdamArgs& a, cudaStream_t stream);
 
 }  // namespace piece_optim::cuda

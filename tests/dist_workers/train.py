@@ -68,8 +68,8 @@ from torch import nn
 
 import piece_optim as po
 from piece_optim import distributed as pd
-from piece_optim._backends import get_backend
-from piece_optim._select import ScoreSource, global_topk
+from piece_optim.backends import get_backend
+from piece_optim.functional import ScoreSource, global_topk
 
 
 def check_in_backward_refused(model: nn.Module, what: str) -> None:
@@ -99,15 +99,22 @@ def scenario_ties(seed: int) -> dict:
         ref = global_topk(
             [ScoreSource(None, t, t.numel(), torch.int32, be) for t in full], k, "piece-f", 1.0
         )
-        shards = [t.chunk(2)[dist.get_rank()] if t.numel() > 1 else
-                  (t if dist.get_rank() == 0 else t[:0]) for t in full]  # fmt: skip
-        offs = [0 if dist.get_rank() == 0 else (t.numel() - s.numel()) for t, s in
-                zip(full, shards, strict=True)]  # fmt: skip
+        shards = [
+            t.chunk(2)[dist.get_rank()] if t.numel() > 1 else (t if dist.get_rank() == 0 else t[:0])
+            for t in full
+        ]
+        offs = [
+            0 if dist.get_rank() == 0 else (t.numel() - s.numel())
+            for t, s in zip(full, shards, strict=True)
+        ]
         hooks = pd.topk_hooks(dist.group.WORLD)
         got = global_topk(
             [ScoreSource(None, s.contiguous(), s.numel(), torch.int32, be) for s in shards],
-            k, "piece-f", 1.0, **hooks,
-        )  # fmt: skip
+            k,
+            "piece-f",
+            1.0,
+            **hooks,
+        )
         for r_idx, l_idx, off in zip(ref, got, offs, strict=True):
             parts = [None, None]
             dist.all_gather_object(parts, l_idx.long() + off)
@@ -144,8 +151,13 @@ def scenario_ddp(seed: int, calib, data, ref) -> dict:
     from piece_optim.integrations import estimate_mask
 
     plain = LossNet(make_model(seed))
-    hf = estimate_mask(plain, ({"x": local_rows(x), "y": local_rows(y)} for x, y in calib),
-                       n_batches=N_CALIB, ratio=RATIO, progress=False)  # fmt: skip
+    hf = estimate_mask(
+        plain,
+        ({"x": local_rows(x), "y": local_rows(y)} for x, y in calib),
+        n_batches=N_CALIB,
+        ratio=RATIO,
+        progress=False,
+    )
     got = {n.removeprefix("net."): hf[n] for n in hf.names()}
     check(list(got) == ref_mask.names(), "estimate_mask (data parallel): names differ")
     check(all(torch.equal(got[n], ref_mask[n]) for n in got), "estimate_mask: mask differs")
@@ -156,8 +168,7 @@ def scenario_ddp(seed: int, calib, data, ref) -> dict:
     train(model, opt, data, split=True)
     w, u = rel_diffs(full_weights(model), ref_w, start)
     check(w <= TOL, f"ddp: weights differ from one process by {w:.3g} (relative)")
-    return {"ddp_max_rel_diff": w, "ddp_max_update_rel_diff": u,
-            "k": ref_mask.numel_selected()}  # fmt: skip
+    return {"ddp_max_rel_diff": w, "ddp_max_update_rel_diff": u, "k": ref_mask.numel_selected()}
 
 
 def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> tuple[dict, dict]:
@@ -178,8 +189,10 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> tuple[dict, dict]:
 
     if dist.get_rank() == 0:  # the global mask: one file, written once
         mask.save(os.path.join(ckpt, "mask.safetensors"))
-    dcp.save({"model": model.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt, model)},
-             checkpoint_id=ckpt)  # fmt: skip
+    dcp.save(
+        {"model": model.state_dict(), "optim": pd.sharded_optimizer_state_dict(opt, model)},
+        checkpoint_id=ckpt,
+    )
     saved_state = global_state(opt, model, dist.group.WORLD)
     train(model, opt, data[SAVE_AT:], split=True)
     final = full_weights(model)
@@ -199,8 +212,10 @@ def scenario_fsdp(seed: int, calib, data, ref, ckpt: str) -> tuple[dict, dict]:
     check(opt2.param_groups[0]["lr"] == HP["lr"], "fsdp: DCP did not restore param_groups")
     train(model2, opt2, data[SAVE_AT:], split=True)
     resumed = full_weights(model2)
-    check(all(torch.equal(resumed[n], final[n]) for n in final),
-          "fsdp: DCP resume does not continue exactly")  # fmt: skip
+    check(
+        all(torch.equal(resumed[n], final[n]) for n in final),
+        "fsdp: DCP resume does not continue exactly",
+    )
     for p1, p2 in zip(opt.selected_params(), opt2.selected_params(), strict=True):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             check(torch.equal(opt.state[p1][key], opt2.state[p2][key]), f"resumed state {key}")
@@ -235,9 +250,14 @@ def scenario_fsdp_llama(seed: int) -> dict:
     import transformers
 
     cfg = transformers.LlamaConfig(
-        vocab_size=67, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-    )  # fmt: skip
+        vocab_size=67,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     g = torch.Generator().manual_seed(seed + 21)
     ids = [torch.randint(0, 67, (4, 9), generator=g) for _ in range(N_CALIB + N_STEPS)]
 
@@ -274,8 +294,11 @@ def scenario_fsdp_llama(seed: int) -> dict:
     check(mask == ref_mask, "llama: the FSDP2 mask differs from one process's")
     w, u = rel_diffs(full_weights(model), full_weights(ref_model), start)
     check(w < LLAMA_TOL, f"llama: FSDP2 weights differ from one process by {w:.3g}")
-    return {"llama_fsdp_max_rel_diff": w, "llama_fsdp_max_update_rel_diff": u,
-            "llama_k": ref_mask.numel_selected()}  # fmt: skip
+    return {
+        "llama_fsdp_max_rel_diff": w,
+        "llama_fsdp_max_update_rel_diff": u,
+        "llama_k": ref_mask.numel_selected(),
+    }
 
 
 def main() -> None:
@@ -294,8 +317,12 @@ def main() -> None:
 
     calib = batches(N_CALIB, seed + 11)
     data = batches(N_STEPS, seed + 12)
-    res: dict = {"seed": seed, "world": dist.get_world_size(), "ratio": RATIO,
-                 "backend_env": os.environ.get("PIECE_OPTIM_BACKEND", "")}  # fmt: skip
+    res: dict = {
+        "seed": seed,
+        "world": dist.get_world_size(),
+        "ratio": RATIO,
+        "backend_env": os.environ.get("PIECE_OPTIM_BACKEND", ""),
+    }
     res.update(timed("ties", scenario_ties, seed))
     ref = reference(seed, calib, data)
     res.update(timed("ddp", scenario_ddp, seed, calib, data, ref))

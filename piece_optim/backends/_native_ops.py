@@ -1,14 +1,17 @@
-"""Loading the compiled extension ``piece_optim._C`` (csrc/) and its fake implementations.
+"""Loading the compiled ops ``torch.ops.piece_optim`` (csrc/) and their fake implementations.
 
 Order of attempts, once per process (:func:`load`):
 
-1. ``import piece_optim._C``: the extension setup.py built (csrc_build.py).
-2. If it is absent (``PIECE_SKIP_BUILD=1``, no compiler at install time, a failed build):
+1. ``import piece_optim._C``: the extension setup.py built.
+2. If it is absent (``PIECE_OPTIM_SKIP_BUILD=1``, no compiler at install time, a failed
+   build) and the sources are there (a source checkout: ``csrc/`` next to the package),
    build it once with ``torch.utils.cpp_extension.load`` (ninja) into
-   ``~/.cache/piece_optim/<torch version>`` (``PIECE_OPTIM_CACHE`` overrides), with one log
-   line saying so.  ``PIECE_NO_JIT=1`` disables this step.
-3. If that fails too, :func:`load` raises; the backend loader turns that into "backend
-   unavailable" (``auto`` then quietly uses the pure-torch reference, an explicit
+   ``~/.cache/piece_optim/<torch version>`` (``PIECE_OPTIM_CACHE`` overrides), with one
+   log line saying so, flags and sources from :mod:`piece_optim._build_config`.
+   ``PIECE_OPTIM_NO_JIT=1`` disables this step.  An installed wheel has no sources: it
+   carries the built extension, or none.
+3. If that fails too, :func:`load` raises; the registry turns that into "backend
+   unavailable" (``auto`` then uses the pure-torch reference, an explicit
    ``backend="cpu"`` fails with advice).  Importing piece_optim never crashes on it.
 
 Fake (meta) implementations are registered here so the ops trace under torch.compile.
@@ -17,34 +20,34 @@ Fake (meta) implementations are registered here so the ops trace under torch.com
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 import torch
 
+from .. import _build_config, _env
+
 log = logging.getLogger("piece_optim")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
-_ROOT = Path(__file__).resolve().parent.parent
+# a source checkout (editable install): the repository, where csrc/ is
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
-    src = _ROOT / "csrc"
-    if not (src / "ops.cpp").exists():
-        raise ImportError("piece_optim._C is not built and the csrc/ sources are not installed")
-    import sys
-
-    sys.path.insert(0, str(_ROOT))
-    try:
-        import csrc_build
-    finally:
-        sys.path.pop(0)
+    root = _SOURCE_ROOT
+    sources = [root / s for s in _build_config.CPU_SOURCES]
+    if not all(s.is_file() for s in sources):
+        raise ImportError(
+            "piece_optim._C is not built and the csrc/ sources are not here (an installed "
+            "wheel built without the extension); reinstall from a source checkout with a C++ "
+            "compiler: pip install --no-build-isolation -e ."
+        )
     cache = (
-        Path(os.environ.get("PIECE_OPTIM_CACHE", Path.home() / ".cache" / "piece_optim"))
+        Path(_env.get("CACHE") or Path.home() / ".cache" / "piece_optim")
         / f"torch-{torch.__version__}"
     )
     cache.mkdir(parents=True, exist_ok=True)
@@ -53,11 +56,11 @@ def _jit_build() -> str:
         cache,
     )
     cpp_extension.load(
-        name="piece_optim_C",
-        sources=[str(_ROOT / s) for s in csrc_build.cpu_sources(_ROOT)],
-        extra_include_paths=[str(src)],
-        extra_cflags=csrc_build.CXX_FLAGS,
-        extra_ldflags=csrc_build.LINK_FLAGS,
+        name=_build_config.JIT_NAME,
+        sources=[str(s) for s in sources],
+        extra_include_paths=[str(root / d) for d in _build_config.INCLUDE_DIRS],
+        extra_cflags=list(_build_config.CXX_FLAGS),
+        extra_ldflags=list(_build_config.LINK_FLAGS),
         build_directory=str(cache),
         is_python_module=False,
         verbose=False,
@@ -78,11 +81,13 @@ def load() -> str:
 
                 origin = "built"
             except ImportError as exc:
-                if os.environ.get("PIECE_NO_JIT", "0") == "1":
-                    raise ImportError(f"piece_optim._C is missing ({exc}); PIECE_NO_JIT=1") from exc
+                if _env.flag("NO_JIT"):
+                    raise ImportError(
+                        f"piece_optim._C is missing ({exc}); {_env.name('NO_JIT')}=1"
+                    ) from exc
                 origin = _jit_build()
             _register_fakes()
-        except Exception as exc:  # noqa: BLE001 - recorded; the caller falls back
+        except Exception as exc:  # noqa: BLE001 - recorded; the registry says "unavailable"
             _state["error"] = f"{type(exc).__name__}: {exc}"
             raise ImportError(str(_state["error"])) from exc
         _state["origin"] = origin
@@ -98,26 +103,13 @@ def _register_fakes() -> None:
     lib = "piece_optim::"
     reg = torch.library.register_fake
 
-    @reg(lib + "accumulate_")
-    def _acc(grad, sum_g, sum_g2):  # noqa: ANN001, ANN202
-        return None
-
     @reg(lib + "accumulate_many_")
-    def _acc_many(grads, sum_gs, sum_g2s):  # noqa: ANN001, ANN202
+    def _acc_many(grads, sum_gs, sum_g2s, keys):  # noqa: ANN001, ANN202
         return None
 
     @reg(lib + "score")
     def _score(sum_g, sum_g2, method, eps):  # noqa: ANN001, ANN202
         return sum_g2.new_empty(sum_g2.numel(), dtype=torch.float32)
-
-    @reg(lib + "histogram_")
-    def _hist(scores, hist, shift, prefix):  # noqa: ANN001, ANN202
-        return None
-
-    @reg(lib + "score_histogram_")
-    def _score_hist(sum_g, sum_g2, method, eps, hist, shift, prefix, cand_cap=0):  # noqa: ANN001, ANN202
-        n = torch.library.get_ctx().new_dynamic_size()
-        return sum_g2.new_empty(n, dtype=torch.int64)
 
     @reg(lib + "score_histogram_many_")
     def _score_hist_many(sum_gs, sum_g2s, method, eps, hist, shift, prefix, cand_caps):  # noqa: ANN001, ANN202
@@ -140,13 +132,13 @@ def _register_fakes() -> None:
         exp_avg_sqs,
         masters,
         step_sizes,
-        bc2_sqrts,
-        lr,
-        beta1,
+        bc2_sqrts,  # noqa: ANN001, ANN202
+        decay,
+        lerp_weight,
         beta2,
+        sq_weight,
         eps,
-        weight_decay,
         grad_is_sparse,
         status=None,
-    ):  # noqa: ANN001, ANN202
+    ):
         return None
