@@ -41,8 +41,17 @@ def hist_add(hist_ptr, s, mask, shift, prefix):
 
 @triton.jit
 def _histogram_kernel(
-    sc_ptr, g_ptr, g2_ptr, hist_ptr, replicas, n, eps, shift, prefix,
-    MODE: tl.constexpr, BLOCK: tl.constexpr,
+    sc_ptr,
+    g_ptr,
+    g2_ptr,
+    hist_ptr,
+    replicas,
+    n,
+    eps,
+    shift,
+    prefix,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
