@@ -141,6 +141,25 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _profile(what: str, fn: Callable[[], Any], device: torch.device) -> None:
+    """Print where one call's GPU time goes (the top kernels and ops), into the log: the
+    selection figures are read against this breakdown."""
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: allocations and Triton compilation stay out of the profile
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    _say(f"profile of {what}:")
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total", row_limit=14, max_name_column_width=60
+    )
+    _say(table)
+
+
 class Rows:
     """Rows of one phase, appended to the CSV as they come (a timeout keeps what ran)."""
 
@@ -249,6 +268,12 @@ def run_select(sizes: Sequence[int], device: torch.device, out: Path, tiny: bool
                     )
                 )
                 del idx, picked
+                if n == sizes[0] and dname == "fp32":
+                    _profile(
+                        f"global_topk, {name}, n={n}, fp32",
+                        lambda src=src, k=k: F.global_topk(src, k, "piece-s", 1.0),
+                        device,
+                    )
                 rows.add(
                     "gpu_select",
                     name,
@@ -289,6 +314,12 @@ def run_select(sizes: Sequence[int], device: torch.device, out: Path, tiny: bool
                     **common,
                 )
                 t = timed(lambda est=est: est.select(ratio=RATIO), slow=not tiny)
+                if n == sizes[0] and dname == "fp32":
+                    _profile(
+                        f"ImportanceEstimator.select, {name}, n={n}, fp32",
+                        lambda est=est: est.select(ratio=RATIO),
+                        device,
+                    )
                 rows.add(
                     "gpu_est_select",
                     name,
@@ -424,6 +455,86 @@ def _mem(device: torch.device) -> tuple[float, float]:
     return torch.cuda.memory_allocated(device) / MIB, torch.cuda.max_memory_allocated(device) / MIB
 
 
+def _memory_phase(
+    phase: str,
+    name: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    steps: int,
+    masks: dict[str, po.SparseMask],
+    device: torch.device,
+    times: list[float],
+) -> dict[str, Any]:
+    """Run one phase's steps; everything it builds (optimizer, estimator, the closures that
+    hold them) is freed when it returns.  (Before, the closures of one phase outlived it and
+    the AdamW state, 4.1 GiB at 1.1B, was counted as the weights of every later phase.)"""
+    extra: dict[str, Any] = {}
+
+    def clock(fn: Callable[[], None]) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    if phase == "adamw":
+        opt = torch.optim.AdamW(
+            model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True
+        )
+
+        def step() -> None:
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(steps):
+            clock(step)
+        state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        extra["state_mib"] = sum(t.numel() * t.element_size() for t in state) / MIB
+    elif phase == "estimate":
+        est = po.ImportanceEstimator(
+            model, method="piece-s", in_backward=True, accum_dtype=torch.bfloat16, backend=name
+        )
+        try:
+            for _ in range(steps):
+                clock(lambda: model(input_ids=x, labels=x).loss.backward())
+            t0 = time.perf_counter()
+            masks[name] = est.select(ratio=RATIO)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            extra["select_ms"] = (time.perf_counter() - t0) * 1e3
+            extra["k"] = masks[name].numel_selected()
+            extra["state_mib"] = est.state_bytes() / MIB
+        finally:
+            est.close()
+    else:
+        sopt = po.SparseAdamW(
+            model.named_parameters(),
+            mask=masks.pop(name),
+            lr=1e-5,
+            betas=(0.9, 0.95),
+            weight_decay=0.0,
+            sparse_grads=True,
+            backend=name,
+        )
+
+        def sstep() -> None:
+            model(input_ids=x, labels=x).loss.backward()
+            sopt.clip_grad_norm_(1.0)
+            sopt.step()
+            sopt.zero_grad()
+
+        try:
+            for _ in range(steps):
+                clock(sstep)
+            extra["state_mib"] = sopt.state_bytes() / MIB
+        finally:
+            sopt.close()
+    return extra
+
+
 def run_memory(device: torch.device, out: Path, tiny: bool, steps: int = 3) -> int:
     rows = Rows(out, device)
     names = backends_for(device)
@@ -442,87 +553,22 @@ def run_memory(device: torch.device, out: Path, tiny: bool, steps: int = 3) -> i
             _say(f"  (skipping sparse/{name}: its estimate phase gave no mask)")
             continue
         _free(device)
+        # what an earlier phase left allocated (the token batch, the masks): near 0, or the
+        # peaks below are not this phase's alone
+        leftover, _ = _mem(device)
         model = _build_llama(cfg, device)
         n_params = sum(p.numel() for p in model.parameters())
         _free(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         base, _ = _mem(device)
-        extra: dict[str, Any] = {}
         times: list[float] = []
-
-        def fwd_bwd(model=model) -> None:
-            model(input_ids=x, labels=x).loss.backward()
-
-        def clock(fn: Callable[[], None], times: list[float] = times) -> None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-
         try:
-            if phase == "adamw":
-                opt = torch.optim.AdamW(
-                    model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, fused=True
-                )
-
-                def step(opt=opt, model=model) -> None:
-                    model(input_ids=x, labels=x).loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-                for _ in range(steps):
-                    clock(step)
-                state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-                extra["state_mib"] = sum(t.numel() * t.element_size() for t in state) / MIB
-                del opt
-            elif phase == "estimate":
-                est = po.ImportanceEstimator(
-                    model,
-                    method="piece-s",
-                    in_backward=True,
-                    accum_dtype=torch.bfloat16,
-                    backend=name,
-                )
-                for _ in range(steps):
-                    clock(fwd_bwd)
-                t0 = time.perf_counter()
-                masks[name] = est.select(ratio=RATIO)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                extra["select_ms"] = (time.perf_counter() - t0) * 1e3
-                extra["k"] = masks[name].numel_selected()
-                extra["state_mib"] = est.state_bytes() / MIB
-                est.close()
-                del est
-            else:
-                opt = po.SparseAdamW(
-                    model.named_parameters(),
-                    mask=masks.pop(name),
-                    lr=1e-5,
-                    betas=(0.9, 0.95),
-                    weight_decay=0.0,
-                    sparse_grads=True,
-                    backend=name,
-                )
-
-                def step(opt=opt, model=model) -> None:
-                    model(input_ids=x, labels=x).loss.backward()
-                    opt.clip_grad_norm_(1.0)
-                    opt.step()
-                    opt.zero_grad()
-
-                for _ in range(steps):
-                    clock(step)
-                extra["state_mib"] = opt.state_bytes() / MIB
-                opt.close()
-                del opt
+            extra = _memory_phase(phase, name, model, x, steps, masks, device, times)
         except Exception as exc:  # noqa: BLE001 - record the failure, go on with the next phase
             _say(f"  FAILED {phase}/{name}: {type(exc).__name__}: {exc}")
-            extra["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            extra = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        extra["leftover_mib"] = round(leftover, 1)
         _, peak = _mem(device)
         del model
         steady = times[1:] or times or [0.0]  # the first step compiles and allocates

@@ -130,12 +130,21 @@ inline ScoreSrc score_src(const std::optional<Tensor>& sum_g, const Tensor& sum_
   return s;
 }
 
-inline void check_hist(const Tensor& hist, int64_t shift, int64_t prefix, const Tensor& like) {
-  check_like(hist, "hist", 65536, like);
+// A histogram of R replicas of 65536 bins (see piece_optim/backends/reference.py): the CPU
+// kernels take one (max_replicas 1), the CUDA ones up to 4096.  Returns R.
+inline int64_t check_hist(const Tensor& hist, int64_t shift, int64_t prefix, const Tensor& like,
+                          int64_t max_replicas = 1) {
+  const int64_t replicas = hist.numel() / 65536;
+  TORCH_CHECK(hist.numel() % 65536 == 0 && replicas >= 1 && replicas <= max_replicas,
+              "piece_optim: hist must be a contiguous int64 tensor of 65536 bins",
+              max_replicas > 1 ? " (or R * 65536 for R <= 4096 replicas)" : "", ", got ",
+              hist.numel(), " elements");
+  check_like(hist, "hist", replicas * 65536, like);
   TORCH_CHECK(hist.scalar_type() == at::kLong,
               "piece_optim: hist must be a contiguous int64 tensor of 65536 bins");
   TORCH_CHECK(shift >= 0 && shift <= 16, "piece_optim: shift must be in [0, 16], got ", shift);
   TORCH_CHECK(prefix >= 0, "piece_optim: prefix must be >= 0, got ", prefix);
+  return replicas;
 }
 
 inline void check_compact_args(int64_t thr, at::ScalarType index_dtype) {

@@ -55,7 +55,7 @@ std::vector<Tensor> score_histogram_many_(at::TensorList sum_gs, at::TensorList 
   TORCH_CHECK(cand_caps.empty() || cand_caps.size() == sum_g2s.size(),
               "piece_optim: cand_caps must be empty or one per tensor");
   pb::check_device(hist, "hist", kCUDA);
-  pb::check_hist(hist, shift, prefix, hist);
+  const int64_t replicas = pb::check_hist(hist, shift, prefix, hist, /*max_replicas=*/4096);
   c10::cuda::CUDAGuard guard(hist.device());
   std::vector<Tensor> out;
   for (size_t i = 0; i < sum_g2s.size(); ++i) {
@@ -63,7 +63,7 @@ std::vector<Tensor> score_histogram_many_(at::TensorList sum_gs, at::TensorList 
     if (pb::present(sum_gs[i])) s1 = sum_gs[i];
     const pc::ScoreArgs s = pb::score_src(s1, sum_g2s[i], method, eps, kCUDA);
     pb::check_like(sum_g2s[i], "sum_g2", s.n, hist);
-    check(pc::score_histogram(s, hist.data_ptr<int64_t>(), int(shift), prefix,
+    check(pc::score_histogram(s, hist.data_ptr<int64_t>(), int(replicas), int(shift), prefix,
                               c10::cuda::getCurrentCUDAStream()),
           "histogram");
     // candidates are a CPU feature: 0-dim, "none kept", one per tensor when asked for

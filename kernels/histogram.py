@@ -9,9 +9,12 @@ then never exists).  Bytes moved per element: the score's 4 B (or the sums': 4-8
 2-4 B bf16) plus one atomic add on an 8 B counter (mostly cached: 65536 bins = 512 KiB).
 
 The counts go straight to global memory with ``tl.atomic_add``: a per-block histogram of
-65536 bins does not fit on chip, and int64 atomics into 512 KiB of L2 are the simple
-choice.  Known cost: when most scores share a few bins (e.g. all equal), those atomics
-serialise on the GPU; the result stays exact.
+65536 bins does not fit on chip.  At level 1 most scores share a few hundred bins, so the
+atomics of all blocks on one histogram serialise: on an H200 a 1e8-entry selection took
+19-20 ms, ten times ``torch.topk`` (benchmarks/gpu.py, docs/gpu.md).  ``hist`` may
+therefore hold R replicas of 65536 bins (see ``_reference.histogram_``); program ``p``
+adds to replica ``p % R`` and the caller sums them, which divides the contention by R.
+The result stays exact.
 """
 
 from __future__ import annotations
@@ -38,17 +41,32 @@ def hist_add(hist_ptr, s, mask, shift, prefix):
 
 @triton.jit
 def _histogram_kernel(
-    sc_ptr, g_ptr, g2_ptr, hist_ptr, n, eps, shift, prefix, MODE: tl.constexpr, BLOCK: tl.constexpr
+    sc_ptr,
+    g_ptr,
+    g2_ptr,
+    hist_ptr,
+    replicas,
+    n,
+    eps,
+    shift,
+    prefix,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     s = load_score(sc_ptr, g_ptr, g2_ptr, offs, mask, eps, MODE)
-    hist_add(hist_ptr, s, mask, shift, prefix)
+    hist_add(hist_ptr + (pid % replicas).to(tl.int64) * 65536, s, mask, shift, prefix)
 
 
 def _check_hist(hist: Tensor, device: torch.device) -> None:
-    if hist.dtype != torch.int64 or hist.numel() != 65536 or not hist.is_contiguous():
-        raise ValueError("hist must be a contiguous int64 tensor of 65536 bins")
+    if (hist.dtype != torch.int64 or hist.numel() == 0 or hist.numel() % 65536
+            or not hist.is_contiguous()):  # fmt: skip
+        raise ValueError(
+            "hist must be a contiguous int64 tensor of 65536 bins (or R * 65536 for R "
+            f"replicas), got {hist.dtype} with {hist.numel()} elements"
+        )
     if hist.device != device:
         raise ValueError(f"hist is on {hist.device}, the scores on {device}: put both on one")
 
@@ -76,6 +94,7 @@ def histogram_triton(
         b,
         c,
         hist,
+        hist.numel() // 65536,
         n,
         float(eps),
         int(shift),

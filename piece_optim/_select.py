@@ -50,6 +50,14 @@ def _find_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
     return HIST_BINS - 1 - j, above
 
 
+# On a GPU the kernels count into GPU_HIST_REPLICAS copies of the histogram (block b into
+# copy b % R; see _reference.histogram_), summed after the pass: with one copy the
+# atomics of all blocks on the few hundred bins that hold most scores serialised, and a
+# 1e8-entry selection took 19-20 ms on an H200, 10x torch.topk (docs/gpu.md).  64 copies
+# are 32 MiB of int64, zeroed and summed in well under 0.1 ms.
+GPU_HIST_REPLICAS = 64
+
+
 def _new_hist(device: torch.device) -> Tensor:
     # The 65536-bin bookkeeping runs in numpy, single-threaded: each torch op on a CPU
     # tensor this size opens an OpenMP region, and on a loaded machine each region cost up
@@ -57,7 +65,12 @@ def _new_hist(device: torch.device) -> Tensor:
     # selection), more than the histogram passes over 20M scores themselves.
     if device.type == "cpu":
         return torch.from_numpy(np.zeros(HIST_BINS, dtype=np.int64))
-    return torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
+    return torch.zeros(GPU_HIST_REPLICAS * HIST_BINS, dtype=torch.int64, device=device)
+
+
+def _summed(hist: Tensor) -> Tensor:
+    """The histogram a pass built: the sum of its replicas (one on CPU)."""
+    return hist if hist.numel() == HIST_BINS else hist.view(-1, HIST_BINS).sum(0)
 
 
 def _histogram_pass(
@@ -109,6 +122,7 @@ def _threshold(
     device = sources[0].sum_g2.device
     hist = _new_hist(device)
     _histogram_pass(sources, method, eps, hist, HIST_BITS, 0)
+    hist = _summed(hist)
     if reduce_hist is not None:
         reduce_hist(hist)
     h = hist.cpu().numpy()
@@ -128,6 +142,7 @@ def _threshold(
 
     hist = _new_hist(device)
     _histogram_pass(sources, method, eps, hist, 0, top)
+    hist = _summed(hist)
     if reduce_hist is not None:
         reduce_hist(hist)
     h2 = hist.cpu().numpy()
@@ -207,17 +222,15 @@ def global_topk_info(
     else:
         info.update(tie_break="position", n_by_position=take_eq)
     quota = _tie_quota(sources, method, eps, thr, take_eq, n_eq, share_ties)
-
+    # Every threshold-equal score kept (the usual case: continuous scores rarely tie): each
+    # source is told "keep all" (take_eq = its size), which lets the CUDA compaction skip
+    # ranking the ties (4 of its 6 passes over n int64 words).  Same result by definition.
+    keep_all = take_eq >= n_eq
     out = []
     for i, s in enumerate(sources):
+        take = s.numel if keep_all else (take_eq if quota is None else quota[i])
         idx, n_taken = s.backend.score_compact(
-            s.sum_g,
-            s.sum_g2,
-            method,
-            eps,
-            thr,
-            take_eq if quota is None else quota[i],
-            s.index_dtype,
+            s.sum_g, s.sum_g2, method, eps, thr, take, s.index_dtype
         )
         take_eq -= n_taken
         out.append(idx)
@@ -256,6 +269,7 @@ def _magnitude_ties(sources, method, eps, thr, take_eq, n_eq, reduce_hist, share
         hist = _new_hist(sources[0].sum_g2.device)
         for i in range(len(sources)):
             ref.histogram_(tied(i)[2], hist, shift, prefix)
+        hist = _summed(hist)  # GPU: the replicas (the reference op fills the first)
         if reduce_hist is not None:
             reduce_hist(hist)
         return hist.cpu().numpy()

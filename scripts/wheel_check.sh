@@ -45,7 +45,7 @@ $VPY -m pip install -q --no-deps "$wheel" 2>&1 | grep -v "^WARNING: Location" ||
 
 repo=$PWD
 cd "$tmp"  # outside the repository: nothing of the checkout is importable from here
-REPO=$repo PIECE_OPTIM_NO_JIT=1 $VPY - <<'EOF'
+REPO=$repo DEPS=$deps PIECE_OPTIM_NO_JIT=1 $VPY - <<'EOF'
 import importlib.util, os, torch
 import piece_optim as po
 from piece_optim import backends
@@ -53,7 +53,13 @@ import sysconfig
 site = sysconfig.get_paths()["purelib"]  # the fresh venv's, not the checkout's
 assert po.__file__.startswith(os.path.join(site, "piece_optim")), (po.__file__, site)
 import sys
-assert not any(os.path.realpath(p or ".").startswith(os.environ["REPO"]) for p in sys.path)
+# no sys.path entry is the checkout or inside it (a path *under* it: /tmp/ci1-venv is not
+# inside /tmp/ci1), but for the borrowed dependencies' folder, which may be a venv that CI
+# made inside the checkout
+repo, deps = (os.path.realpath(os.environ[k]) for k in ("REPO", "DEPS"))
+inside = [p for p in sys.path if (r := os.path.realpath(p or ".")) != deps
+          and (r == repo or r.startswith(repo + os.sep))]
+assert not inside, f"the checkout is on sys.path: {inside}"
 cpu = backends.load("cpu")
 assert cpu is not None, backends.explain("adamw")["cpu"]
 p = torch.nn.Parameter(torch.randn(100))

@@ -124,8 +124,10 @@ def test_accumulate_special_values(be, tol, seed):
     gen = _gen(seed)
     for adtype, key in ((F32, None), (BF16, None), (BF16, ref.stochastic_key(seed, 0, 0))):
         g = rnd(40, gen)
-        g[[1, 5, 9, 20]] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
-        g[[2, 3]] = torch.tensor([1e-40, -3e-39])  # fp32 subnormals
+        g[[1, 5, 9, 20]] = torch.tensor(
+            [float("nan"), float("inf"), -float("inf"), 0.0], device=DEV
+        )
+        g[[2, 3]] = torch.tensor([1e-40, -3e-39], device=DEV)  # fp32 subnormals
         s1 = rnd(40, gen, adtype)
         s2 = rnd(40, gen).abs().to(adtype)
         s2[7] = float("inf")
@@ -238,6 +240,79 @@ def test_score_histogram_many(be, seed, method):
             assert torch.equal(h, h_ref)
 
 
+def _takes_replicas(be) -> bool:
+    """The Triton and CUDA kernels count into R replicas of a histogram; the C++ CPU ones
+    into one (the selection gives replicas on GPUs only: ``_select._new_hist``)."""
+    return be.name != "cpu"
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_score_histogram_into_replicas(be, seed, replicas):
+    """A histogram of R replicas: they sum to the reference's one histogram, and with
+    several blocks more than one replica is used; the CPU kernels refuse R > 1."""
+    gen = _gen(seed)
+    n = 5000  # 5 Triton programs, 20 CUDA blocks
+    s1, s2 = rnd(n, gen), rnd(n, gen).abs()
+    sc = be.score(s1, s2, "piece-s", 1.0)
+    for shift, prefix in ((16, 0), (0, int(ref._bits(sc)[n // 3]) >> 16)):
+        start = torch.randint(0, 7, (replicas * HIST,), generator=gen).to(DEV)
+        h = start.clone()
+        if replicas > 1 and not _takes_replicas(be):
+            with pytest.raises(RuntimeError, match="65536 bins"):
+                be.score_histogram_many_([s1], [s2], "piece-s", 1.0, h, shift, prefix)
+            assert torch.equal(h, start)
+            continue
+        h_ref = torch.zeros(HIST, dtype=torch.int64, device=DEV)
+        be.score_histogram_many_([s1], [s2], "piece-s", 1.0, h, shift, prefix)
+        ref.histogram_(sc, h_ref, shift, prefix)
+        added = (h - start).view(replicas, HIST)
+        assert torch.equal(added.sum(0), h_ref), (shift, prefix)
+        if replicas > 1 and shift == 16:
+            assert int((added.sum(1) > 0).sum()) > 1, "every block counted into one replica"
+
+
+def test_reference_histogram_replicas_and_bad_sizes(seed):
+    gen = _gen(seed)
+    sc = rnd(300, gen).abs()
+    h = torch.zeros(3 * HIST, dtype=torch.int64, device=DEV)
+    one = torch.zeros(HIST, dtype=torch.int64, device=DEV)
+    ref.histogram_(sc, h, 16, 0)
+    ref.histogram_(sc, one, 16, 0)
+    assert torch.equal(h.view(3, -1).sum(0), one)
+    with pytest.raises(ValueError, match="65536 bins"):
+        ref.histogram_(sc, torch.zeros(1000, dtype=torch.int64, device=DEV), 16, 0)
+
+
+def test_global_topk_with_replicated_histograms(be, seed, monkeypatch):
+    """The selection path of GPUs (R replicas per pass, summed) selects exactly what one
+    histogram selects; run with every backend that takes replicas, on any device."""
+    from piece_optim import _select
+
+    if not _takes_replicas(be):
+        assert _select._new_hist(torch.device("cpu")).numel() == HIST  # never given R > 1
+        return
+    gen = _gen(seed)
+    sums = [(rnd(n, gen), rnd(n, gen).abs()) for n in (7, 2500, 1031)]
+    total = sum(s2.numel() for _, s2 in sums)
+
+    def run(k):
+        srcs = [F.ScoreSource(s1, s2, s2.numel(), torch.int32, be) for s1, s2 in sums]
+        return F.global_topk(srcs, k, "piece-s", 1.0)
+
+    ks = (1, int(torch.randint(2, total, (1,), generator=gen)), total)
+    want = [run(k) for k in ks]
+    monkeypatch.setattr(
+        _select,
+        "_new_hist",
+        lambda device: torch.zeros(4 * HIST, dtype=torch.int64, device=device),
+    )
+    for k, w in zip(ks, want, strict=True):
+        got = run(k)
+        assert sum(i.numel() for i in got) == k
+        for a, b in zip(got, w, strict=True):
+            assert torch.equal(a, b), f"k={k}"
+
+
 # -- compaction and the global top-k ----------------------------------------------------------
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 def test_compact_matches_reference(be, seed, index_dtype):
@@ -247,7 +322,7 @@ def test_compact_matches_reference(be, seed, index_dtype):
         bits = ref._bits(sc)
         for thr in {int(bits[0]), int(bits[n // 2]), int(bits.max()), 0}:
             n_eq_all = int((bits == thr).sum())
-            for take_eq in sorted({0, 1, n_eq_all // 2, n_eq_all, n_eq_all + 3}):
+            for take_eq in sorted({0, 1, n_eq_all // 2, n_eq_all, n_eq_all + 3, n}):  # n: all
                 idx, n_eq = be.score_compact(None, sc, "piece-f", 0.0, thr, take_eq, index_dtype)
                 idx_ref, n_eq_ref = ref.compact(sc, thr, take_eq, index_dtype)
                 assert n_eq == n_eq_ref, (n, thr, take_eq)
@@ -389,7 +464,7 @@ def test_adamw_nonfinite_grads_propagate_like_reference(be, tol, seed):
     p = rnd(50, gen)
     idx = torch.arange(0, 50, 2, dtype=torch.int32, device=DEV)
     g = rnd(50, gen)
-    g[[0, 4, 8]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    g[[0, 4, 8]] = torch.tensor([float("nan"), float("inf"), -float("inf")], device=DEV)
     m, v = rnd(25, gen), rnd(25, gen).abs()
     p_r, m_r, v_r, p_old = p.clone(), m.clone(), v.clone(), p.clone()
     sc = F.adamw_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)

@@ -23,14 +23,16 @@ cudaError_t accumulate(const AccumItem& it, cudaStream_t stream);
 
 cudaError_t score(const ScoreArgs& s, float* out, cudaStream_t stream);
 
-// hist: 65536 int64 counters (added to); see piece_optim/backends/reference.py.
-cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int shift, int64_t prefix,
-                            cudaStream_t stream);
+// hist: replicas * 65536 int64 counters (added to; the histogram is the sum of the
+// replicas, block b adds to replica b % replicas); see piece_optim/backends/reference.py.
+cudaError_t score_histogram(const ScoreArgs& s, int64_t* hist, int replicas, int shift,
+                            int64_t prefix, cudaStream_t stream);
 
 // Compaction in four steps (flags, scan of the ties, flags, CUB select).  Call
 // compact_workspace_bytes(n) for the workspace size; out must hold n int64 entries;
 // counts[0] receives the number selected and counts[1] the number of ties (bits == thr)
-// in the whole tensor (device memory; the caller copies them back).
+// in the whole tensor (device memory; the caller copies them back).  take_eq >= n (every
+// tie kept) skips the tie flags and their scan: keep = bits >= thr.
 size_t compact_workspace_bytes(int64_t n);
 cudaError_t compact(const ScoreArgs& s, uint32_t thr, int64_t take_eq, void* workspace,
                     size_t workspace_bytes, int64_t* out, int64_t* counts, cudaStream_t stream);

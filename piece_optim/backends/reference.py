@@ -23,7 +23,11 @@ Conventions shared by all backends
   the top 16 bits of every element (non-negative fp32 bits are < 2**31); with
   ``shift=0, prefix=b`` it is the histogram of the low 16 bits of the elements in top
   bin ``b``.  A histogram of raw fp32 scores is the pass over ``(None, scores)`` with
-  ``"piece-f"`` (whose score is ``sum_g2`` itself).
+  ``"piece-f"`` (whose score is ``sum_g2`` itself).  A histogram may hold R >= 1
+  *replicas* (R * 65536 contiguous counters): a pass may add each count to any replica,
+  and the histogram is their sum.  On a GPU the selection gives the kernels 64 replicas
+  so that blocks spread their atomic adds (see ``_select._new_hist``); this reference
+  adds to replica 0.
 * ``compact(scores, thr, take_eq)`` returns the sorted flat indices of the elements
   with ``bits > thr`` plus the first ``take_eq`` elements (lowest flat index first)
   with ``bits == thr``, and how many of the latter it took.
@@ -196,13 +200,19 @@ def _bits(scores: Tensor) -> Tensor:
 
 def histogram_(scores: Tensor, hist: Tensor, shift: int, prefix: int) -> None:
     """Add the counts of one histogram pass over ``scores`` into ``hist`` (see module doc)."""
+    if hist.numel() % HIST_BINS or hist.numel() == 0 or not hist.is_contiguous():
+        raise ValueError(
+            f"hist must be a contiguous int64 tensor of {HIST_BINS} bins (or R * {HIST_BINS} "
+            f"for R replicas), got {hist.numel()} elements"
+        )
     bits = _bits(scores)
     if bits.numel() == 0:
         return
     bits = bits & _M32  # uint32 view: a negative score lands in a "bad" top bin
     keep = (bits >> (shift + HIST_BITS)) == prefix
     bins = (bits[keep] >> shift) & (HIST_BINS - 1)
-    hist.add_(torch.bincount(bins, minlength=HIST_BINS).to(hist.device, torch.int64))
+    counts = torch.bincount(bins, minlength=HIST_BINS).to(hist.device, torch.int64)
+    hist.view(-1, HIST_BINS)[0].add_(counts)
 
 
 def compact(scores: Tensor, thr: int, take_eq: int, index_dtype: torch.dtype) -> tuple[Tensor, int]:
