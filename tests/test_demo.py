@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from piece_optim.cli import main
-from piece_optim.demo.bench import METHODS, op_bwt, preset, random_mask
 from piece_optim.demo.data import IGNORE, NEWLINE, collate, decode, encode, make_task
+from piece_optim.demo.methods import (
+    DEFAULT_METHODS,
+    learning_accuracy,
+    op_bwt,
+    op_floor,
+    parse_method,
+    preset,
+    random_low_mask,
+    random_mask,
+    reference_fisher,
+)
 from piece_optim.demo.model import build_model
 
 pytestmark = pytest.mark.cpu_only("the demo trains on CPU by design (issue 15 owns it)")
@@ -70,9 +80,11 @@ def test_demo_cli_tiny_writes_results(tmp_path, capsys, monkeypatch):
     cfg = preset("tiny")
     T = len(cfg.tasks)
     assert 0 <= res["general_before"] <= 1
-    assert list(res["methods"]) == list(METHODS)
+    assert list(res["methods"]) == list(DEFAULT_METHODS)
+    assert 0 < res["op_floor"] <= 1
     for m, r in res["methods"].items():
-        assert {"op", "bwt", "general_after", "general", "matrix", "lr"} <= set(r), m
+        assert {"op", "bwt", "la", "general_after", "general", "matrix", "lr"} <= set(r), m
+        assert r["la"] == pytest.approx(learning_accuracy(r["matrix"]))
         assert len(r["matrix"]) == T and len(r["general"]) == T + 1
         assert r["general"][0] == res["general_before"]
         assert r["general"][-1] == r["general_after"]
@@ -85,7 +97,7 @@ def test_demo_cli_tiny_writes_results(tmp_path, capsys, monkeypatch):
     assert res["revert_check"] is True
     assert (tmp_path / "out" / "demo.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "piece-s" in out and "full checkpoint" in out
+    assert "piece-s" in out and "full checkpoint" in out and "OP floor" in out
 
 
 def test_demo_cli_bad_input(tmp_path, capsys):
@@ -119,17 +131,160 @@ def test_shipped_weights_match_the_default_config(tmp_path, monkeypatch):
     assert path is not None, "piece_optim/demo/weights/ lacks the default model"
     assert shipped_weights(cfg.size, cfg.pretrain_steps + 1, cfg.batch, 128, cfg.seed) is None
     assert shipped_weights(cfg.size, cfg.pretrain_steps, cfg.batch, 128, cfg.seed + 1) is None
+    med = preset("quick", size="medium")
+    assert shipped_weights(med.size, med.pretrain_steps, med.batch, 128, 0) is not None
     # an empty cache loads the shipped weights instead of pretraining (no steps run)
     monkeypatch.setenv("PIECE_OPTIM_CACHE", str(tmp_path / "cache"))
     corpus = {"train": torch.randint(0, 256, (4096,), dtype=torch.uint8)}
-    model, info = pretrained_model(cfg.size, corpus, cfg.pretrain_steps, seed=cfg.seed,
-                                   progress=False)  # fmt: skip
+    model, info = pretrained_model(
+        cfg.size, corpus, cfg.pretrain_steps, seed=cfg.seed, progress=False
+    )
     assert info["cached"] == "shipped"
     fresh = build_model(cfg.size, cfg.seed)
     # trained weights, not the initialisation
     pairs = zip(model.parameters(), fresh.parameters(), strict=True)
     assert any(not torch.equal(a, b) for a, b in pairs)
     # use_cache=False (--no-cache) never takes them: it pretrains (1 step here)
-    _, info = pretrained_model(cfg.size, corpus, 1, seed=cfg.seed, use_cache=False,
-                               progress=False)  # fmt: skip
+    _, info = pretrained_model(cfg.size, corpus, 1, seed=cfg.seed, use_cache=False, progress=False)
     assert info["cached"] is False
+
+
+def test_learning_accuracy_and_op_floor(seed):
+    rng = random.Random(seed)
+    R = [[rng.random() if j <= i else None for j in range(3)] for i in range(3)]
+    assert learning_accuracy(R) == pytest.approx((R[0][0] + R[1][1] + R[2][2]) / 3)
+    task = make_task("topic", 10, 60, seed=seed % 1000)
+    answers = [a for _, a in task.test]
+    top = max(answers.count(a) for a in set(answers)) / len(answers)
+    other = make_task("parity", 10, 60, seed=seed % 1000)
+    answers2 = [a for _, a in other.test]
+    top2 = max(answers2.count(a) for a in set(answers2)) / len(answers2)
+    assert op_floor([task, other], "test") == pytest.approx((top + top2) / 2)
+    assert 1 / 3 <= top <= 1
+
+
+def test_parse_method_overrides():
+    assert parse_method("piece-s") == ("piece-s", {})
+    assert parse_method("piece-s:eps=1e-8:tie_break=position") == (
+        "piece-s",
+        {"eps": 1e-8, "tie_break": "position"},
+    )
+    assert parse_method("piece-s:eps=auto@0.9x0.1") == ("piece-s", {"eps": "auto@0.9x0.1"})
+    assert parse_method("piece-ref:ref_weight=10:ref_batches=2") == (
+        "piece-ref",
+        {"ref_weight": 10.0, "ref_batches": 2},
+    )
+    for bad in ("bogus", "piece-s:eps", "piece-s:nope=1", "piece-s:seed=3"):
+        with pytest.raises(ValueError):
+            parse_method(bad)
+
+
+def test_random_low_mask_draws_from_the_least_important_pool(seed):
+    model = build_model("tiny", seed=seed % 1000)
+    excl = ("embed", "lm_head")
+    g = torch.Generator().manual_seed(seed)
+    elig = {n: p for n, p in model.named_parameters() if not any(e in n for e in excl)}
+    fisher = {n: torch.rand(p.shape, generator=g) for n, p in elig.items()}
+    total = sum(p.numel() for p in model.parameters())
+    k = int(0.05 * total)
+    m = random_low_mask(model, fisher, 0.05, 3.0, excl, seed)
+    assert m.numel_selected() == k
+    flat = torch.cat([f.reshape(-1) for f in fisher.values()])
+    cut = torch.sort(flat).values[3 * k - 1]
+    for n in m:
+        assert bool((fisher[n].reshape(-1)[m[n].long()] <= cut).all()), n
+    assert m != random_low_mask(model, fisher, 0.05, 3.0, excl, seed + 1)
+
+
+@pytest.mark.parametrize("kind", ["general", "self"])
+def test_reference_fisher_is_a_per_term_fisher(seed, kind):
+    model = build_model("tiny", seed=seed % 1000)
+    cfg = preset("tiny")
+    text = torch.randint(
+        0, 256, (5000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    fisher, secs = reference_fisher(model, kind, cfg, text, seed)
+    names = {n for n, _ in model.named_parameters() if not any(e in n for e in cfg.exclude)}
+    assert set(fisher) == names and secs >= 0
+    assert all(bool((f >= 0).all()) for f in fisher.values())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0
+    again, _ = reference_fisher(model, kind, cfg, text, seed)
+    assert all(torch.equal(fisher[n], again[n]) for n in fisher)
+
+
+def test_frontier_and_matched_op_interpolation():
+    from piece_optim.demo.pareto import at_op, frontier
+
+    pts = [
+        {"lr": 1e-3, "op": 0.2, "general_after": 0.60, "bwt": -0.1, "la": 0.5},
+        {"lr": 3e-3, "op": 0.6, "general_after": 0.50, "bwt": -0.3, "la": 0.9},
+        {"lr": 1e-2, "op": 0.5, "general_after": 0.40, "bwt": -0.5, "la": 1.0},  # dominated
+        {"lr": 3e-2, "op": 0.8, "general_after": 0.30, "bwt": -0.7, "la": 1.0},
+    ]
+    f = frontier(pts)
+    assert [p["lr"] for p in f] == [1e-3, 3e-3, 3e-2]
+    r = at_op(pts, 0.5)  # 3/4 of the way from op 0.2 to 0.6
+    assert r["general_after"] == pytest.approx(0.525)
+    assert r["bwt"] == pytest.approx(-0.25) and r["la"] == pytest.approx(0.8)
+    assert at_op(pts, 0.85) is None
+    assert at_op(pts, 0.1)["general_after"] == 0.60  # below the frontier: its first point
+
+
+def test_demo_pareto_tiny_writes_json_and_png(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PIECE_OPTIM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "p"
+    argv = [
+        "demo",
+        "--pareto",
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--seeds",
+        "0",
+        "--jobs",
+        "1",
+        "--lrs",
+        "full=1e-4/1e-3;sparse=3e-3",
+        "--methods",
+        "seqft,piece-self",
+    ]
+    assert main(argv) == 0
+    data = json.loads((out / "pareto.json").read_text())
+    assert {"general_before", "op_floor", "runs"} <= set(data)
+    assert isinstance(data["general_before"], float) and 0 < data["op_floor"] <= 1
+    assert len(data["runs"]) == 2 + 1
+    for r in data["runs"]:
+        assert {"method", "lr", "seed", "op", "bwt", "la", "general_after"} <= set(r)
+        assert isinstance(r["op"], float) and r["seed"] == 0
+        assert (r["op"], r["bwt"]) == pytest.approx(op_bwt(r["matrix"]))
+    assert {(r["method"], r["lr"]) for r in data["runs"]} == {
+        ("seqft", 1e-4),
+        ("seqft", 1e-3),
+        ("piece-self", 3e-3),
+    }
+    assert set(data["summary"]["methods"]) == {"seqft", "piece-self"}
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert "matched OP" in capsys.readouterr().out
+    # --resume keeps what is there and runs only what is missing
+    argv[argv.index("0")] = "0,1"
+    argv[argv.index("--jobs") + 1] = "2"  # the process-pool path
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads((out / "pareto.json").read_text())
+    assert len(again["runs"]) == 6 and again["runs"][0] == data["runs"][0]
+    assert {r["seed"] for r in again["runs"]} == {0, 1}
+
+
+def test_combine_fishers_weighs_each_by_its_median(seed):
+    from piece_optim.demo.methods import combine_fishers
+
+    g = torch.Generator().manual_seed(seed)
+    a = {"x": torch.rand(5, 7, generator=g) * 1e-6, "y": torch.rand(11, generator=g) * 1e-6}
+    b = {"x": torch.rand(5, 7, generator=g) * 1e3, "y": torch.zeros(11)}
+    out = combine_fishers([a, b])
+    med_a = torch.cat([t.reshape(-1) for t in a.values()]).median()
+    flat_b = torch.cat([t.reshape(-1) for t in b.values()])
+    med_b = flat_b[flat_b > 0].median()
+    for n in a:
+        torch.testing.assert_close(out[n], a[n] / med_a + b[n] / med_b)

@@ -2,6 +2,6 @@
 
 Run it with ``piece-optim demo [--quick] [--out DIR]``.  Modules: :mod:`.data` (byte
 tokenizer, stdlib corpus, tasks), :mod:`.model` (LLaMA config, cached pretraining,
-metrics), :mod:`.bench` (the method loop, OP/BWT), :mod:`.tuning` (the lr grid),
+metrics), :mod:`.methods` (the method loop, OP/BWT), :mod:`.tuning` (the lr grid),
 :mod:`.cli` (the subcommand: table, results.json, plots, sparse deltas).
 """

@@ -1,10 +1,11 @@
 """``piece-optim demo``: run the continual-learning benchmark, print a table, save results.
 
-Writes ``DIR/results.json`` (``general_before``; ``methods`` keyed seqft / seqlora /
-random / piece-f / piece-s with ``op``, ``bwt``, ``general_after``, ``general`` per stage
-and the per-stage ``matrix``), ``DIR/demo.png`` (general ability across the task sequence
-per method, and OP/BWT bars) and each sparse method's per-task deltas under
-``DIR/deltas/``.
+Writes ``DIR/results.json`` (``general_before``, ``op_floor``; ``methods`` keyed seqft /
+seqlora / random / piece-f / piece-s with ``op``, ``bwt``, ``la``, ``general_after``,
+``general`` per stage and the per-stage ``matrix``), ``DIR/demo.png`` (general ability
+across the task sequence per method, and OP/BWT bars) and each sparse method's per-task
+deltas under ``DIR/deltas/``.  ``--pareto`` runs the frontier benchmark instead
+(:mod:`piece_optim.demo.pareto`: ``DIR/pareto.json``, ``DIR/pareto.png``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of seqft,seqlora,random,piece-f,piece-s",
+        help="comma-separated methods (default: seqft,seqlora,random,piece-f,piece-s; "
+        "--pareto: all of seqft,seqlora,random,random-low,piece-f,piece-s,piece-ref,"
+        "piece-self); NAME:field=value overrides a config field for that method",
+    )
+    parser.add_argument(
+        "--pareto",
+        action="store_true",
+        help="the frontier benchmark: an lr sweep x seeds per method, scored on the test "
+        "splits -> DIR/pareto.json, DIR/pareto.png (--quick: about 10 minutes on 2 cores)",
+    )
+    parser.add_argument(
+        "--size",
+        default=None,
+        choices=("small", "medium"),
+        help="base model: small (0.9M parameters, default) or medium (5.2M); both ship "
+        "with the package (--no-cache pretrains: medium ~27 CPU-minutes)",
+    )
+    parser.add_argument(
+        "--seeds", default=None, help="--pareto: comma-separated seeds (default 0,1,2; quick 0,1)"
+    )
+    parser.add_argument(
+        "--lrs",
+        default=None,
+        help="--pareto: FAMILY=lr/lr/...;... overriding the grid of a family "
+        "(full, lora, sparse), e.g. 'sparse=1e-3/3e-3'",
+    )
+    parser.add_argument("--split", default="test", choices=("test", "val"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="--pareto: runs in parallel processes, each with --threads threads (default: one "
+        "process per CPU core, at most 8, one thread each)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="--pareto: keep the runs already in DIR/pareto.json"
     )
     parser.add_argument(
         "--tune",
@@ -54,34 +90,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _table(results: dict) -> str:
     g0 = results["general_before"]
     rows = [
-        f"{'method':9s} {'lr':>8s} {'OP':>6s} {'BWT':>7s} {'general':>15s} {'lost':>6s} "
-        f"{'time':>6s}",
-        "-" * 64,
+        f"{'method':10s} {'lr':>8s} {'OP':>6s} {'BWT':>7s} {'LA':>6s} {'general':>15s} "
+        f"{'lost':>6s} {'time':>6s}",
+        "-" * 72,
     ]
     for m, r in results["methods"].items():
         rows.append(
-            f"{m:9s} {r['lr']:8.0e} {r['op']:6.3f} {r['bwt']:+7.3f} "
+            f"{m:10s} {r['lr']:8.0e} {r['op']:6.3f} {r['bwt']:+7.3f} {r['la']:6.3f} "
             f"{g0:6.3f} -> {r['general_after']:5.3f} {g0 - r['general_after']:6.3f} "
             f"{r['seconds']:5.0f}s"
         )
+    rows.append(
+        f"OP floor (every prompt answered with its task's most frequent answer): "
+        f"{results['op_floor']:.3f}; LA = mean score on each task right after learning it"
+    )
     return "\n".join(rows)
-
-
-def _target(results: dict) -> dict | None:
-    ms = results["methods"]
-    if "seqft" not in ms or "piece-s" not in ms:
-        return None
-    g0 = results["general_before"]
-    lost_ft = g0 - ms["seqft"]["general_after"]
-    lost_ps = g0 - ms["piece-s"]["general_after"]
-    op_ratio = ms["piece-s"]["op"] / ms["seqft"]["op"] if ms["seqft"]["op"] > 0 else float("nan")
-    return {
-        "general_lost_seqft": lost_ft,
-        "general_lost_piece_s": lost_ps,
-        "lost_ratio": lost_ps / lost_ft if lost_ft > 0 else float("nan"),
-        "op_ratio": op_ratio,
-        "met": bool(lost_ft > 0 and lost_ps <= 0.5 * lost_ft and op_ratio >= 0.7),
-    }
 
 
 def plot(results: dict, path: Path) -> None:
@@ -133,18 +156,33 @@ def _full_checkpoint_bytes(model_state: dict) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import METHODS, preset, run_benchmark, with_overrides
+    from .methods import (
+        DEFAULT_METHODS,
+        METHODS,
+        parse_method,
+        preset,
+        run_benchmark,
+        with_overrides,
+    )
 
     name = args.preset or ("quick" if args.quick else "default")
     try:
-        cfg = preset(name)
+        cfg = preset(name, size=args.size)
     except ValueError as exc:
         print(f"piece-optim demo: {exc}", file=sys.stderr)
         return 2
     if args.no_cache:
         cfg = with_overrides(cfg, use_cache=False)
-    methods = tuple(args.methods.split(",")) if args.methods else METHODS
-    bad = [m for m in methods if m not in METHODS]
+    if args.methods:
+        methods = tuple(args.methods.split(","))
+    else:
+        methods = METHODS if args.pareto else DEFAULT_METHODS
+    bad = []
+    for m in methods:
+        try:
+            parse_method(m)
+        except ValueError as exc:
+            bad.append(f"{m} ({exc})")
     if bad:
         print(
             f"piece-optim demo: --methods {bad} unknown; choose from {','.join(METHODS)}",
@@ -161,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     progress = not args.no_progress
     t0 = time.perf_counter()
+    if args.pareto:
+        return _run_pareto(args, cfg, name, methods, out, progress)
     if args.tune:
         from .tuning import format_grid, run_grid
 
@@ -174,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
         f"{cfg.batch} per task, sparse ratio {cfg.ratio:g}"
     )
     results = run_benchmark(cfg, methods, out=out, progress=progress)
-    results["target"] = _target(results)
     results["seconds"] = time.perf_counter() - t0
     print()
     print(_table(results))
@@ -192,14 +231,10 @@ def run(args: argparse.Namespace) -> int:
             f"  revert all piece-s deltas -> pretrained weights bit-exact: "
             f"{results['revert_check']}"
         )
-    t = results["target"]
-    if t is not None:
-        print(
-            f"\ntarget (PIECE-S loses <= 1/2 of SeqFT's general ability, OP >= 70% of "
-            f"SeqFT's): lost {t['general_lost_piece_s']:.3f} vs {t['general_lost_seqft']:.3f} "
-            f"(ratio {t['lost_ratio']:.2f}), OP ratio {t['op_ratio']:.2f} -> "
-            f"{'MET' if t['met'] else 'NOT met'}"
-        )
+    print(
+        "\none learning rate per family: a method that learns less also forgets less; "
+        "compare methods at a matched OP with `piece-optim demo --pareto --quick`"
+    )
     (out / "results.json").write_text(json.dumps(results, indent=2))
     try:
         plot(results, out / "demo.png")
@@ -208,3 +243,57 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'results.json'} (no plot: pip install matplotlib)")
     print(f"total {results['seconds']:.0f} s")
     return 0
+
+
+def _run_pareto(args, cfg, name: str, methods: tuple[str, ...], out: Path, progress: bool) -> int:
+    from .pareto import LRS, SEEDS, format_summary, plot_pareto, run_pareto
+
+    grid = "quick" if name == "quick" else "default"
+    lrs = dict(LRS[grid])
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else SEEDS[grid]
+        for part in (args.lrs or "").split(";"):
+            if part.strip():
+                fam, _, vals = part.partition("=")
+                if fam not in lrs:
+                    raise ValueError(f"family {fam!r} is unknown; choose from {sorted(lrs)}")
+                lrs[fam] = tuple(float(v) for v in vals.split("/"))
+    except ValueError as exc:
+        print(f"piece-optim demo: --seeds/--lrs: {exc}", file=sys.stderr)
+        return 2
+    n = sum(len(lrs[_family(m)]) for m in methods) * len(seeds)
+    print(
+        f"piece-optim demo --pareto ({name}, {cfg.size} model): {len(methods)} methods, "
+        f"{n} runs ({len(seeds)} seeds), tasks {' -> '.join(cfg.tasks)}, {cfg.steps} steps of "
+        f"{cfg.batch} per task, ratio {cfg.ratio:g}, scored on the {args.split} splits"
+    )
+    jobs = args.jobs if args.jobs is not None else min(8, os.cpu_count() or 1)
+    if jobs < 1:
+        print(f"piece-optim demo: --jobs {jobs} must be >= 1", file=sys.stderr)
+        return 2
+    data = run_pareto(
+        cfg,
+        methods,
+        lrs,
+        seeds,
+        out,
+        split=args.split,
+        progress=progress,
+        jobs=jobs,
+        threads=args.threads or (1 if jobs > 1 else None),
+        resume=args.resume,
+    )
+    print()
+    print(format_summary(data))
+    try:
+        plot_pareto(data, out / "pareto.png")
+        print(f"wrote {out / 'pareto.json'}, {out / 'pareto.png'} ({data['seconds']:.0f} s)")
+    except ImportError:
+        print(f"wrote {out / 'pareto.json'} (no plot: pip install matplotlib)")
+    return 0
+
+
+def _family(spec: str) -> str:
+    from .methods import FAMILY, parse_method
+
+    return FAMILY[parse_method(spec)[0]]

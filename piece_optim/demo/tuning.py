@@ -14,13 +14,13 @@ comparison fair.  One guard, also the same for every family: an lr whose ``OP_va
 below half the family's best ``OP_val`` is not eligible.  Without it the first grid run
 picked sparse lr 1e-3, at which PIECE-S learned none of the tasks (OP 0) and so kept
 the most general ability; "learns nothing" is not a setting anyone would deploy.  The
-defaults in :func:`piece_optim.demo.bench.preset` come from
+defaults in :func:`piece_optim.demo.methods.preset` come from
 ``piece-optim demo --tune`` (the grid is reported in the README's demo section).
 """
 
 from __future__ import annotations
 
-from .bench import DemoConfig, run_method, setup
+from .methods import DemoConfig, run_method, setup
 from .model import next_token_accuracy
 
 GRID: dict[str, tuple[float, ...]] = {
@@ -52,7 +52,8 @@ def run_grid(
 ) -> dict:
     """Run the grid; returns ``{"general_before", "rows": [...], "best": {family: lr}}``."""
     grid = grid or GRID
-    base, tasks, windows, _ = setup(cfg, progress)
+    bench = setup(cfg, progress)
+    base, tasks, windows = bench.base, bench.tasks, bench.windows
     g0 = next_token_accuracy(base, windows["val"])
     rows, best = [], {}
     for fam, lrs in grid.items():
@@ -62,7 +63,15 @@ def run_grid(
         scored = []
         for lr in lrs:
             r = run_method(
-                method, base, tasks, cfg, windows["val"], split="val", lr=lr, progress=progress
+                method,
+                base,
+                tasks,
+                cfg,
+                windows["val"],
+                split="val",
+                lr=lr,
+                progress=progress,
+                general_text=bench.general_text,
             )
             c = criterion(r["op"], r["general_after"], g0)
             rows.append(
