@@ -451,7 +451,24 @@ def test_freeze_then_unfreeze_trains_like_adamw(seed, masked, sparse_grads):
                     vals = g.selected_values if isinstance(g, SparseGrad) else g.view(-1)[mask[n]]
                     leaf.grad = vals.clone()
         else:
+            # The twin steps on the very gradients the optimizer saw, as the masked branch
+            # does; its own backward only checks them.  On a GPU a second backward may sum
+            # in another order (atomics), and Adam turns a last-bit difference in a
+            # near-zero gradient into a difference of up to lr: the H200 run's one failure
+            # (this test, CUDA backend; the masked branch and the CPU stages never differ).
             twin.loss(x, y).backward()
+            for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+                g = p.grad
+                if g is None:
+                    assert q.grad is None, n
+                    continue
+                dense = g.selected_values.view_as(p) if isinstance(g, SparseGrad) else g
+                if EXACT:
+                    assert torch.equal(dense, q.grad), n
+                else:  # summation order only: ulps of the largest terms
+                    scale = float(q.grad.abs().max()) if q.grad.numel() else 0.0
+                    torch.testing.assert_close(dense, q.grad, rtol=1e-4, atol=1e-6 * scale)
+                q.grad = dense.clone()
         if sparse_grads and masked and step >= 3:  # the hook came with the next step()
             assert isinstance(model.fc1.weight.grad, SparseGrad)
         opt.step()
