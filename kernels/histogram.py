@@ -61,8 +61,12 @@ def _histogram_kernel(
 
 
 def _check_hist(hist: Tensor, device: torch.device) -> None:
-    if (hist.dtype != torch.int64 or hist.numel() == 0 or hist.numel() % 65536
-            or not hist.is_contiguous()):  # fmt: skip
+    if (
+        hist.dtype != torch.int64
+        or hist.numel() == 0
+        or hist.numel() % 65536
+        or not hist.is_contiguous()
+    ):
         raise ValueError(
             "hist must be a contiguous int64 tensor of 65536 bins (or R * 65536 for R "
             f"replicas), got {hist.dtype} with {hist.numel()} elements"
