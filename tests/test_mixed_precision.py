@@ -35,11 +35,21 @@ def test_autocast_with_grad_scaler_equals_torch_adamw(seed, dtype):
     data = batches(8, seed + 1)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
     opt = po.SparseAdamW(ours.named_parameters(), mask=None, lr=1e-2, weight_decay=0.05)
-    _run(ref, opt_ref, data, torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10), dtype)
-    _run(ours, opt, data, torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10), dtype)
-    for (n, a), b in zip(ref.named_parameters(), ours.parameters(), strict=True):
-        if a.numel():
-            assert rel_err(b, a) < 1e-6, n
+    scalers = [torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) for _ in range(2)]
+    for step, batch in enumerate(data):
+        _run(ref, opt_ref, [batch], scalers[0], dtype)
+        _run(ours, opt, [batch], scalers[1], dtype)
+        assert scalers[1].get_scale() == scalers[0].get_scale(), step
+        for (n, a), b in zip(ref.named_parameters(), ours.parameters(), strict=True):
+            if a.numel():
+                assert rel_err(b, a) < 1e-6, (step, n)
+        # Each step is compared from the same weights.  Run on, a last-bit weight
+        # difference (the kernels' IEEE sqrt vs torch's CPU sqrt, <= 1 ulp) flips fp16
+        # roundings in the next autocast forward and Adam makes that a step-sized
+        # difference: 2.5e-5 after 8 steps with the Triton backend on one seed in 10-20.
+        with torch.no_grad():
+            for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+                b.copy_(a)
 
 
 def test_grad_scaler_skips_the_step_on_inf(seed):
