@@ -211,8 +211,12 @@ def global_topk_info(
         raise ValueError(f"tie_break={tie_break!r} must be 'magnitude' or 'position'")
     thr, k, n_above, n_eq = _threshold(sources, k, method, eps, reduce_hist)
     take_eq = k - n_above  # how many threshold-equal scores to keep, globally
+    # Every threshold-equal score kept (the usual case: continuous scores rarely tie): each
+    # source is told "keep all" (take_eq = its size), which lets the CUDA compaction skip
+    # ranking the ties (4 of its 6 passes over n int64 words).  Same result by definition.
+    keep_all = take_eq >= n_eq
     info = dict(k=k, threshold=_bits_to_float(thr), n_above=n_above, n_tied=n_eq)
-    if take_eq >= n_eq:
+    if keep_all:
         info.update(tie_break="none", n_by_position=0)
     elif tie_break == "magnitude" and method == "piece-s":
         out, n_pos = _magnitude_ties(
@@ -221,11 +225,7 @@ def global_topk_info(
         return out, TopkInfo(**info, tie_break="magnitude", n_by_position=n_pos)
     else:
         info.update(tie_break="position", n_by_position=take_eq)
-    quota = _tie_quota(sources, method, eps, thr, take_eq, n_eq, share_ties)
-    # Every threshold-equal score kept (the usual case: continuous scores rarely tie): each
-    # source is told "keep all" (take_eq = its size), which lets the CUDA compaction skip
-    # ranking the ties (4 of its 6 passes over n int64 words).  Same result by definition.
-    keep_all = take_eq >= n_eq
+    quota = None if keep_all else _tie_quota(sources, method, eps, thr, take_eq, n_eq, share_ties)
     out = []
     for i, s in enumerate(sources):
         take = s.numel if keep_all else (take_eq if quota is None else quota[i])

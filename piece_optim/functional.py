@@ -25,7 +25,13 @@ from ._bounds import check_step_indices
 from ._indices import index_dtype_for
 from ._select import ScoreSource, _chunked_topk, global_topk
 from .backends import Backend, group_by_backend, resolve
-from .backends.reference import AdamWScalars, adamw_scalars, compute_dtype
+from .backends.reference import (
+    AdamWScalars,
+    adamw_scalars,
+    compute_dtype,
+    gather_for_step,
+    write_back_step,
+)
 
 __all__ = [
     "AdamWScalars",
@@ -278,15 +284,7 @@ def adamw_torch_(
     """
     flat = param.view(-1)
     dt = compute_dtype(param.dtype)  # float64 params in float64, as the reference
-    if idx is None:
-        g = grad.reshape(-1)
-        w = master.view(-1) if master is not None else flat
-    else:
-        g = grad.reshape(-1) if grad_is_sparse else grad.reshape(-1).index_select(0, idx)
-        w = master.view(-1) if master is not None else flat.index_select(0, idx)
-    g = g.to(dt)
-    if w.dtype != dt:
-        w = w.to(dt)
+    g, w = gather_for_step(flat, grad, idx, master, dt, grad_is_sparse)
     m = exp_avg.view(-1)
     v = exp_avg_sq.view(-1)
 
@@ -314,11 +312,4 @@ def adamw_torch_(
         bias_correction2_sqrt = bias_correction2**0.5
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         w.addcdiv_(m, denom, value=-step_size)
-
-    if master is not None and w.data_ptr() != master.data_ptr():
-        master.copy_(w.view_as(master))
-    if idx is None:
-        if w is not flat:
-            flat.copy_(w)
-    else:
-        flat.index_copy_(0, idx.to(torch.int64), w.to(flat.dtype))
+    write_back_step(flat, w, idx, master)

@@ -319,15 +319,7 @@ def adamw_apply_(
             f"exp_avg/exp_avg_sq are {exp_avg.dtype}/{exp_avg_sq.dtype}; a {param.dtype} "
             f"parameter needs {dt} moments"
         )
-    if idx is None:
-        g = grad.reshape(-1)
-        w = master.view(-1) if master is not None else flat
-    else:
-        g = grad.reshape(-1) if grad_is_sparse else grad.reshape(-1)[idx]
-        w = master.view(-1) if master is not None else flat[idx]
-    g = g.to(dt)
-    if w.dtype != dt:
-        w = w.to(dt)
+    g, w = gather_for_step(flat, grad, idx, master, dt, grad_is_sparse)
     m = exp_avg.view(-1)
     v = exp_avg_sq.view(-1)
 
@@ -337,7 +329,37 @@ def adamw_apply_(
     v.mul_(sc.beta2).addcmul_(g, g, value=sc.sq_weight)
     denom = (v.sqrt() / sc.bc2_sqrt).add_(sc.eps)
     w.addcdiv_(m, denom, value=-sc.step_size)
+    write_back_step(flat, w, idx, master)
 
+
+def gather_for_step(
+    flat: Tensor,
+    grad: Tensor,
+    idx: Tensor | None,
+    master: Tensor | None,
+    dt: torch.dtype,
+    grad_is_sparse: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``(g, w)`` of one AdamW step in the compute dtype ``dt``: the gradient and the
+    weights of the updated entries (all of ``flat``, the flat parameter, when ``idx`` is
+    None; the fp32 master when there is one).  With ``grad_is_sparse`` the gradient holds
+    the selected entries already.  Shared with :func:`piece_optim.functional.adamw_torch_`.
+    """
+    if idx is None:
+        g = grad.reshape(-1)
+        w = master.view(-1) if master is not None else flat
+    else:
+        g = grad.reshape(-1) if grad_is_sparse else grad.reshape(-1).index_select(0, idx)
+        w = master.view(-1) if master is not None else flat.index_select(0, idx)
+    g = g.to(dt)
+    if w.dtype != dt:
+        w = w.to(dt)
+    return g, w
+
+
+def write_back_step(flat: Tensor, w: Tensor, idx: Tensor | None, master: Tensor | None) -> None:
+    """Store the stepped weights ``w`` (from :func:`gather_for_step`) into the master and
+    the parameter's flat view ``flat``."""
     if master is not None and w.data_ptr() != master.data_ptr():
         master.copy_(w.view_as(master))
     if idx is None:
