@@ -223,7 +223,10 @@ def test_magnitude_ties_across_sources_with_one_rank_hooks(seed):
             take_eq -= quota[-1]
         return quota
 
-    for k in (1, 50, 3000):
+    mags = torch.sort(torch.cat([(B * x).abs() for x in xs]), descending=True).values
+    at_least = [int((mags >= m).sum()) for m in mags.unique()]  # a whole tie group ends there
+    by_position_seen = 0
+    for k in (1, 50, 3000, at_least[-2], at_least[-2] + 1):
         plain, info = global_topk_info(srcs, k, "piece-s", 0.0, tie_break="magnitude")
         hooked, _ = global_topk_info(
             srcs,
@@ -237,7 +240,15 @@ def test_magnitude_ties_across_sources_with_one_rank_hooks(seed):
         expect = _brute([(s, (B * x).abs()) for s, x in zip(scores, xs, strict=True)], k)
         for a, b, e in zip(plain, hooked, expect, strict=True):
             assert torch.equal(a.long(), e) and torch.equal(b.long(), e)
-        assert info.tie_break == "magnitude" and info.n_by_position > 0
+        # position decides among the entries whose |sum g| equals the k-th one, unless the
+        # k-th one closes its group (then nothing is left to position)
+        kth = mags[k - 1]
+        n_above, n_eq = int((mags > kth).sum()), int((mags == kth).sum())
+        take = k - n_above
+        assert info.tie_break == "magnitude"
+        assert info.n_by_position == (take if take < n_eq else 0), (k, info)
+        by_position_seen += info.n_by_position > 0
+    assert by_position_seen >= 2  # k = 1 and k = at_least[-2] + 1 split a tie group
     assert calls  # the hook was asked to split the last-level tie
 
 
