@@ -2,7 +2,7 @@
 # One-shot GPU check for piece_optim, for a machine with one NVIDIA GPU and torch + triton
 # already installed (no network needed).  Run from the repository root (or anywhere in it):
 #
-#   bash benchmarks/gpu_check.sh [--out DIR] [--max-n N] [--budget S] [--dry-run]
+#   bash benchmarks/gpu_check.sh [--out DIR] [--max-n N] [--budget S] [--skip-bench] [--dry-run]
 #
 # Stages, most valuable first; each runs under its own timeout, capped so that all of them
 # end within the budget (default 390 s; a stage with under 25 s left is skipped); a failed
@@ -25,6 +25,7 @@
 #   bench-step    (70 s)      sparse AdamW step, k = 0.1% of N, vs AdamW(fused) dense [20 s]
 #   bench-memory  (110 s)     peak GPU memory fine-tuning a 1.1B LLaMA in bf16: AdamW vs
 #                             estimation (in_backward, bf16 sums) vs SparseAdamW [50 s]
+# --skip-bench stops after the test stages (for a short device lease: ~200 s).
 # Expected about 290 s in all.  Everything goes to DIR (default $OUT, else ./gpu_check_out):
 # summary.txt (one line per stage, then the Markdown result tables), gpu_check.log (every
 # stage's output), build.log, bench.csv, tests-cuda.xml, tests-triton.xml (JUnit).  The
@@ -41,6 +42,7 @@ OUT_DIR=${OUT:-./gpu_check_out}
 MAX_N=1000000000
 BUDGET=390
 DRY_RUN=0
+SKIP_BENCH=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -54,6 +56,7 @@ while [ $# -gt 0 ]; do
               BUDGET=$2; shift 2 ;;
     --budget=*) BUDGET=${1#--budget=}; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --skip-bench) SKIP_BENCH=1; shift ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -191,9 +194,14 @@ fi
 # The benchmarks: on a GPU the backends auto would consider (triton, cuda); in the dry run
 # the CPU ones plus Triton's interpreter.  Rows go to bench.csv as they are measured.
 since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+if [ "$SKIP_BENCH" = 1 ]; then
+  echo "== benchmarks skipped (--skip-bench)" | tee -a "$LOG"
+  echo "bench skipped(--skip-bench) 0s" >> "$SUMMARY"
+else
 stage bench-select 110 $PY -m benchmarks.gpu select --device $DEVICE --sizes $SIZES --out "$OUT_DIR" $TINY
 stage bench-step 70 $PY -m benchmarks.gpu step --device $DEVICE --sizes $MAX_N --out "$OUT_DIR" $TINY
 stage bench-memory 110 $PY -m benchmarks.gpu memory --device $DEVICE --out "$OUT_DIR" $TINY
+fi
 
 {
   echo "total $((SECONDS - START))s (budget ${BUDGET}s)"

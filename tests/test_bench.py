@@ -352,7 +352,15 @@ def test_gpu_check_syntax() -> None:
 def test_gpu_check_arguments() -> None:
     r = _gpu_check("--help")
     assert r.returncode == 0
-    for word in ("--out", "--max-n", "--budget", "--dry-run", "390 s", "summary.txt"):
+    for word in (
+        "--out",
+        "--max-n",
+        "--budget",
+        "--skip-bench",
+        "--dry-run",
+        "390 s",
+        "summary.txt",
+    ):
         assert word in r.stdout
     assert "set -uo" not in r.stdout
     for bad, msg in (
@@ -378,6 +386,18 @@ def test_gpu_check_no_budget_skips_every_stage(tmp_path: Path) -> None:
     stages = [ln for ln in lines if len(ln) == 3 and ln[1].startswith("skipped")]
     assert [s[0] for s in stages] == GPU_STAGES
     assert all(s[1] == "skipped(no-time)" for s in stages)
+
+
+def test_gpu_check_skip_bench_stops_after_the_tests(tmp_path: Path) -> None:
+    """--skip-bench (a short device lease): the bench stages are recorded as skipped, not
+    run, and do not fail the run (budget 0 skips the others, so this takes no time)."""
+    out = tmp_path / "gpu"
+    r = _gpu_check("--dry-run", "--budget", "0", "--skip-bench", "--out", str(out))
+    summary = (out / "summary.txt").read_text()
+    stages = [ln.split()[0] for ln in summary.splitlines() if ln and not ln.startswith(" ")]
+    assert "bench skipped(--skip-bench) 0s" in summary, summary
+    assert not [s for s in stages if s.startswith("bench-")], summary
+    assert r.returncode == 1  # the other stages were skipped for time: that still fails
 
 
 GPU_STAGES = [
