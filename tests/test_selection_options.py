@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TinyNet, batches
+from helpers import DEVICE, TinyNet, batches
 
 import piece_optim as po
 from piece_optim import importance as imp
@@ -21,7 +21,7 @@ def _collect(model: TinyNet, grads: list[dict[str, torch.Tensor]], **kw) -> po.I
     params = dict(model.named_parameters())
     for term in grads:
         for n, g in term.items():
-            params[n].grad = g.clone()
+            params[n].grad = g.to(params[n].device).clone()
         est.collect()
     return est
 
@@ -48,8 +48,8 @@ def _saturated_terms(model: TinyNet, seed: int, B: int = 4) -> tuple[list[dict],
 
 
 def _brute(keys: list[tuple[torch.Tensor, ...]], k: int) -> list[torch.Tensor]:
-    """Top-k by lexicographic (key1 desc, key2 desc, ..., global position asc)."""
-    cols = [torch.cat([t[i].reshape(-1).double() for t in keys]) for i in range(len(keys[0]))]
+    """Top-k by lexicographic (key1 desc, key2 desc, ..., global position asc), on the CPU."""
+    cols = [torch.cat([t[i].reshape(-1).double().cpu() for t in keys]) for i in range(len(keys[0]))]
     pos = torch.arange(cols[0].numel(), dtype=torch.float64)
     order = sorted(range(pos.numel()), key=lambda j: (*(-float(c[j]) for c in cols), j))[:k]
     chosen = torch.zeros(pos.numel(), dtype=torch.bool)
@@ -70,7 +70,8 @@ def _upper_quantile(t: torch.Tensor, q: float) -> float:
 
 
 def _mask_list(mask: po.SparseMask, names) -> list[torch.Tensor]:
-    return [mask[n].long() if n in mask else torch.empty(0, dtype=torch.long) for n in names]
+    """The mask's indices per name, on the CPU (where _brute answers)."""
+    return [mask[n].long().cpu() if n in mask else torch.empty(0, dtype=torch.long) for n in names]
 
 
 # -- the saturated case: every selected score ties ---------------------------------------------
@@ -85,7 +86,7 @@ def test_saturated_piece_s_ties_go_to_magnitude_and_warn(seed, B):
     names = list(xs)
     scores = est.scores()
     nonzero = torch.cat([(x != 0).reshape(-1) for x in xs.values()])
-    flat = torch.cat([scores[n].reshape(-1) for n in names])
+    flat = torch.cat([scores[n].reshape(-1).cpu() for n in names])
     assert bool((flat[nonzero] == math.sqrt(B)).all())  # the whole top is one tie
     k = int(0.3 * nonzero.sum())
     with pytest.warns(po.SelectionWarning, match="saturated"):
@@ -189,8 +190,10 @@ def test_no_cut_tie_reports_none(seed):
 
 
 def _src(sum_g, sum_g2):
-    be = po.backends.get_backend("auto", "cpu")
-    return ScoreSource(sum_g, sum_g2, sum_g2.numel(), torch.int32, be)
+    """A score source on the test device (made on the CPU: the seed decides the values)."""
+    be = po.backends.get_backend("auto", DEVICE)
+    sum_g = None if sum_g is None else sum_g.to(DEVICE)
+    return ScoreSource(sum_g, sum_g2.to(DEVICE), sum_g2.numel(), torch.int32, be)
 
 
 def test_kth_largest_is_exact(seed):
@@ -239,7 +242,7 @@ def test_magnitude_ties_across_sources_with_one_rank_hooks(seed):
         )
         expect = _brute([(s, (B * x).abs()) for s, x in zip(scores, xs, strict=True)], k)
         for a, b, e in zip(plain, hooked, expect, strict=True):
-            assert torch.equal(a.long(), e) and torch.equal(b.long(), e)
+            assert torch.equal(a.long().cpu(), e) and torch.equal(b.long().cpu(), e)
         # position decides among the entries whose |sum g| equals the k-th one, unless the
         # k-th one closes its group (then nothing is left to position)
         kth = mags[k - 1]
@@ -334,12 +337,17 @@ def test_reference_pool_ranks_the_task_inside_the_least_reference_important(seed
     }
     names = list(fisher)
     k, pool = 31, 3.0
-    mask = est.select(k=k, reference=fisher, reference_pool=pool)
+    mask = est.select(
+        k=k, reference={n: f.to(DEVICE) for n, f in fisher.items()}, reference_pool=pool
+    )
     f_all = torch.cat([fisher[n].reshape(-1) for n in names])
     v = float(torch.sort(f_all).values[math.ceil(pool * k) - 1])  # the pool's largest value
     assert est.last_selection.pool_threshold == v
     inside = {n: fisher[n].reshape(-1) <= v for n in names}
-    s2 = torch.cat([est._sum_g2[n].reshape(-1) for n in names])
+    # the check on the CPU
+    sum_g = {n: est._sum_g[n].reshape(-1).cpu() for n in names} if method == "piece-s" else {}
+    sum_g2 = {n: est._sum_g2[n].reshape(-1).cpu() for n in names}
+    s2 = torch.cat([sum_g2[n] for n in names])
     in_all = torch.cat([inside[n] for n in names])
     if eps == "auto":  # the quantile over the pool's sums
         e = imp.EPS_AUTO_FRACTION * _upper_quantile(s2[in_all], imp.EPS_AUTO_QUANTILE)
@@ -348,20 +356,16 @@ def test_reference_pool_ranks_the_task_inside_the_least_reference_important(seed
         e = eps
     keys = []
     for n in names:
-        s2n = est._sum_g2[n].reshape(-1).double()
-        sc = (
-            s2n
-            if method == "piece-f"
-            else est._sum_g[n].reshape(-1).double().abs() / (s2n + e).sqrt()
-        )
+        s2n = sum_g2[n].double()
+        sc = s2n if method == "piece-f" else sum_g[n].double().abs() / (s2n + e).sqrt()
         sc = torch.where(inside[n], sc.float(), torch.full_like(sc.float(), -1.0))
-        mag = est._sum_g[n].reshape(-1).abs() if method == "piece-s" else torch.zeros_like(sc)
+        mag = sum_g[n].abs() if method == "piece-s" else torch.zeros_like(sc)
         keys.append((sc, mag))
     expect = _brute(keys, k)
     for got, want in zip(_mask_list(mask, names), expect, strict=True):
         assert torch.equal(got, want)
     for n in mask:
-        assert bool(inside[n][mask[n].long()].all()), n
+        assert bool(inside[n][mask[n].long().cpu()].all()), n
 
 
 def test_reference_errors(seed):
