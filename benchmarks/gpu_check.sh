@@ -120,8 +120,8 @@ test_counts() {
 }
 
 echo "gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) repo=$REPO out=$OUT_DIR max_n=$MAX_N" \
-  "budget=${BUDGET}s dry_run=$DRY_RUN commit=$(git rev-parse --short=12 HEAD 2>/dev/null \
-  || echo "${PIECE_OPTIM_COMMIT:-unknown} (env)")" | tee "$LOG"
+  "budget=${BUDGET}s dry_run=$DRY_RUN commit=${PIECE_OPTIM_COMMIT:-$(git rev-parse --short=12 HEAD \
+  2>/dev/null || echo unknown)}" | tee "$LOG"
 
 ENV_PY='import sys, torch
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)

@@ -240,11 +240,14 @@ def device_name(device: torch.device | str = "cpu") -> str:
 def git_commit(repo: Path = REPO) -> str:
     """Short commit hash of the repo (``+dirty`` if it has local changes), or "unknown".
 
-    Outside a git checkout (e.g. a copy of the tree sent to a GPU machine),
-    ``PIECE_OPTIM_COMMIT`` names the commit instead (marked ``(env)``).
+    ``PIECE_OPTIM_COMMIT``, when set, names the commit instead (marked ``(env)``) and wins
+    over git: a copy of the tree sent to a GPU machine may carry no ``.git``, or a stale
+    one (runs 2 and 3 of docs/gpu.md did).
     """
-    fallback = os.environ.get("PIECE_OPTIM_COMMIT", "").strip()
-    fallback = f"{fallback} (env)" if fallback else "unknown"
+    named = os.environ.get("PIECE_OPTIM_COMMIT", "").strip()
+    if named:
+        return f"{named} (env)"
+    fallback = "unknown"
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],

@@ -118,7 +118,8 @@ def test_make_row_derives_columns(seed: int) -> None:
         assert row[c], c
 
 
-def test_commit_is_the_repo_head() -> None:
+def test_commit_is_the_repo_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIECE_OPTIM_COMMIT", raising=False)
     head = subprocess.run(
         ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True
     )
@@ -129,8 +130,15 @@ def test_commit_is_the_repo_head() -> None:
         assert commit == "unknown"
 
 
-def test_commit_unknown_outside_a_repo(tmp_path: Path) -> None:
+def test_commit_unknown_outside_a_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIECE_OPTIM_COMMIT", raising=False)
     assert harness.git_commit(tmp_path) == "unknown"
+
+
+def test_commit_named_in_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree copied to a GPU machine may carry a stale .git: the named commit wins."""
+    monkeypatch.setenv("PIECE_OPTIM_COMMIT", "c5a5dd1")
+    assert harness.git_commit() == "c5a5dd1 (env)"
 
 
 def test_append_rows_header_once_and_roundtrip(tmp_path: Path, seed: int) -> None:
