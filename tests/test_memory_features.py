@@ -64,8 +64,13 @@ def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
                 want = _selected(p.grad, mask[name])
                 if micro == 1:
                     assert torch.equal(got, want)
-                else:  # same sum, other order of fp32 additions
-                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+                else:  # same sum, other order of fp32 additions: ulps of the largest terms
+                    scale = float(want.abs().max())
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+                    # Both step on the very same values: Adam turns an ulp of a gradient
+                    # near zero into up to lr * 1e-4 of weight, and that drift would feed
+                    # the next steps' gradients (seed 635183943: 3e-7 off by step 1).
+                    p.grad.view(-1)[mask[name].long()] = got
         dense.step()
         sparse.step()
         dense.zero_grad()
@@ -73,9 +78,10 @@ def test_sparse_grads_accumulation_equals_big_batch(seed, micro):
         sparse.zero_grad()
         assert sparse.grad_bytes() == 0
     for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
-        if name not in mask.names():
-            assert torch.equal(q, p)  # frozen entries: bit-identical (never written)
+        if DEVICE.type == "cpu":  # the same gradients, the same step: bit-identical
+            assert torch.equal(q, p), name
+        else:  # (one kernel reads g[idx], the other g[i]: not run on a GPU in this form)
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
     sparse.close()
 
 
