@@ -7,6 +7,10 @@ tests marked ``cpu_only`` (demo, distributed gloo, packaging, benchmark CSV, the
 kernels, the HF Trainer integration) are deselected, so a GPU stage
 (``PIECE_OPTIM_TEST_DEVICE=cuda PIECE_OPTIM_BACKEND=cuda|triton``) runs exactly the tests
 that exercise the GPU paths; pytest's summary line counts the deselected ones.
+
+Tests that take the ``seed`` fixture draw a fresh seed every run and print it with a
+failure; ``--seed S`` reruns them with seed S, ``--seeds N`` runs each with N fresh seeds
+(how seed-dependent assertions are hunted down before CI meets them).
 """
 
 import os
@@ -21,7 +25,45 @@ if DEVICE.type == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("piece_optim", "piece_optim test seeds")
+    group.addoption(
+        "--seed",
+        type=int,
+        default=None,
+        help="run every test that takes the `seed` fixture with this seed (reproduce a "
+        "failure: the report prints the seed)",
+    )
+    group.addoption(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run every test that takes the `seed` fixture with N fresh seeds (a sweep for "
+        "seed-dependent failures; default 1)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """--seed / --seeds: the seeded tests parametrized by seed (the id names it)."""
+    if "seed" not in metafunc.fixturenames:
+        return
+    opt = metafunc.config.option
+    if opt.seed is not None:
+        seeds = [opt.seed]
+    elif opt.seeds > 1:
+        seeds = [fresh_seed() for _ in range(opt.seeds)]
+    else:
+        return
+    metafunc.parametrize("seed", seeds, ids=lambda s: f"seed{s}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if config.option.seeds < 1:
+        raise pytest.UsageError(f"--seeds {config.option.seeds}: give 1 or more fresh seeds")
+    if config.option.seed is not None and config.option.seeds != 1:
+        raise pytest.UsageError("--seed fixes the seed, --seeds draws N: give one of them")
+    if config.option.seed is not None and not 0 <= config.option.seed < 2**31:
+        raise pytest.UsageError(f"--seed {config.option.seed}: a seed is in [0, 2**31)")
     config.addinivalue_line(
         "markers",
         "cpu_only(reason): CPU by nature (gloo, packaging, CSV, the C++ CPU kernels...); "
