@@ -25,7 +25,7 @@
 #   bench-step    (70 s)      sparse AdamW step, k = 0.1% of N, vs AdamW(fused) dense [20 s]
 #   bench-memory  (110 s)     peak GPU memory fine-tuning a 1.1B LLaMA in bf16: AdamW vs
 #                             estimation (in_backward, bf16 sums) vs SparseAdamW [50 s]
-# --skip-bench stops after the test stages (for a short device lease: ~200 s).
+# --skip-bench stops after the test stages (for a short device lease: ~150 s on an H200).
 # Expected about 290 s in all.  Everything goes to DIR (default $OUT, else ./gpu_check_out):
 # summary.txt (one line per stage, then the Markdown result tables), gpu_check.log (every
 # stage's output), build.log, bench.csv, tests-cuda.xml, tests-triton.xml (JUnit).  The

@@ -247,7 +247,6 @@ def git_commit(repo: Path = REPO) -> str:
     named = os.environ.get("PIECE_OPTIM_COMMIT", "").strip()
     if named:
         return f"{named} (env)"
-    fallback = "unknown"
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
@@ -265,8 +264,8 @@ def git_commit(repo: Path = REPO) -> str:
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
-        return fallback
-    commit = rev.stdout.strip() or fallback
+        return "unknown"
+    commit = rev.stdout.strip() or "unknown"
     return commit + ("+dirty" if dirty.stdout.strip() else "")
 
 

@@ -589,6 +589,18 @@ def describe(bench: Bench) -> str:
     return f"pretrained model: {origin} ({bench.info['path']}), {n:,} parameters"
 
 
+def start(
+    cfg: DemoConfig, methods: tuple[str, ...], progress: bool, log: Callable[[str], None]
+) -> Bench:
+    """The start of a demo run: every method spec checked (before any work), the benchmark
+    set up, and the model it uses logged."""
+    for m in methods:
+        parse_method(m)
+    bench = setup(cfg, progress)
+    log(describe(bench))
+    return bench
+
+
 def run_benchmark(
     cfg: DemoConfig,
     methods: tuple[str, ...] = DEFAULT_METHODS,
@@ -597,12 +609,9 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run every method once at its family's lr; returns the dict written to results.json."""
-    for m in methods:
-        parse_method(m)
     t0 = time.perf_counter()
-    bench = setup(cfg, progress)
+    bench = start(cfg, methods, progress, log)
     base = bench.base
-    log(describe(bench))
     g0 = next_token_accuracy(base, bench.windows["test"])
     results: dict = {
         "config": asdict(cfg),

@@ -49,6 +49,7 @@ from .methods import (
     parse_method,
     run_method,
     setup,
+    start,
 )
 from .model import exact_match, next_token_accuracy
 
@@ -176,13 +177,8 @@ def run_pareto(
     """Run every (method, lr, seed); write ``out/pareto.json`` as it goes, return it."""
     import torch
 
-    for m in methods:
-        parse_method(m)
     t0 = time.perf_counter()
-    bench = setup(cfg, progress)
-    from .methods import describe
-
-    log(describe(bench))
+    bench = start(cfg, methods, progress, log)
     data: dict = {
         "general_before": next_token_accuracy(bench.base, bench.windows[split]),
         "op_floor": op_floor(bench.tasks, split),
